@@ -82,15 +82,15 @@ def list_image_tree(split_dir: Path) -> tuple[list[Path], np.ndarray, list[str]]
 
 
 def decode_images(files: list[Path], size: int) -> np.ndarray:
-    """Decode to RGB uint8 and resize to size×size (only when an image is not that size)."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-    from torchvision.transforms.functional import resize
+    """Decode to RGB uint8 (grey, palette and RGBA images converted) and resize to size×size."""
+    from PIL import Image
     out = np.empty((len(files), 3, size, size), dtype=np.uint8)
     for i, f in enumerate(files):
-        img = decode_image(read_file(str(f)), mode=ImageReadMode.RGB)
-        if img.shape[1:] != (size, size):
-            img = resize(img, [size, size], antialias=True)
-        out[i] = img.numpy()
+        with Image.open(f) as img:
+            img = img.convert("RGB")
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.BILINEAR)
+            out[i] = np.asarray(img).transpose(2, 0, 1)
     return out
 
 

@@ -1,0 +1,93 @@
+"""The RISDA surrogate loss: CE on the augmented logits (eq. 11), class-balanced (eq. 12).
+
+Every sample of class y shares its augmentation terms, so they are computed once per class
+present in the batch, as (U, C) tables, and gathered per sample. The variance term needs
+Δwᵀ Σ_y Δw for all C classes j: chunks of K classes build K×C×D products, never the N×D×D
+covariances per sample or N×C×D×D products that ISDA's released code materialises.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CHUNK_ELEMENTS = 2 ** 24  # 64 MiB of fp32: the most one chunk's temporaries may hold
+
+
+def class_balanced_weights(counts, gamma: float = 0.9999) -> torch.Tensor:
+    """ρ_c = (1−γ)/(1−γ^{n_c}) (eq. 12; Cui et al. 2019), normalised to sum to C.
+    An empty class is counted as one image so that every weight stays finite."""
+    n = torch.as_tensor(counts, dtype=torch.float64).clamp(min=1)
+    rho = (1 - gamma) / (1 - gamma ** n)
+    return (rho * len(n) / rho.sum()).float()
+
+
+def augmented_logits(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, cov: torch.Tensor,
+                     mu_r: torch.Tensor | None, alpha: float, beta: float, classes: torch.Tensor | None = None,
+                     chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """Z (N,C) of eq. 11: Z_j = logit_j + α Δw_jᵀ μʳ_y + ½ β Δw_jᵀ cov_y Δw_j, Δw_j = w_j − w_y.
+
+    weight: the classifier matrix W (C,D); gradients flow to it (through Δw) and to logits.
+    cov: the covariance to use per class, (C,D,D), or variances (C,D) for a diagonal one.
+    mu_r: the mean shift per class (C,D), or None for none. cov and mu_r are constants.
+    classes: if given (sorted), row r of cov and mu_r belongs to class classes[r] (it must
+    hold every label), so a caller can pass only the classes in the batch.
+    Computed in fp32 (fp64 if the inputs are), whatever autocast is active.
+    """
+    dtype = torch.promote_types(torch.promote_types(logits.dtype, weight.dtype), torch.float32)
+    with torch.autocast(logits.device.type, enabled=False):
+        present, inverse = torch.unique(labels, return_inverse=True)
+        rows = present if classes is None else torch.searchsorted(classes, present)
+        w = weight.to(dtype)
+        table = torch.zeros(len(present), w.shape[0], dtype=dtype, device=w.device)
+        if beta != 0:
+            step = max(1, chunk_elements // (w.numel() + cov[0].numel()))
+            table = table + 0.5 * beta * QuadraticForm.apply(w, cov.detach().to(dtype), present, rows, step)
+        if alpha != 0 and mu_r is not None:
+            table = table + alpha * mean_shift_table(w, mu_r.detach()[rows].to(dtype), present)
+        return logits.to(dtype) + table[inverse]
+
+
+def mean_shift_table(weight: torch.Tensor, mu: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """M[u, j] = (w_j − w_c)ᵀ μ_u for c = classes[u]: the mean term of eq. 11, (U,C)."""
+    return mu @ weight.T - (weight[classes] * mu).sum(1, keepdim=True)
+
+
+class QuadraticForm(torch.autograd.Function):
+    """Q[u, j] = (w_j − w_c)ᵀ Σ_c (w_j − w_c) for c = classes[u], Σ_c = cov[rows[u]]: the (U,C)
+    variance term of eq. 11. The backward pass recomputes each chunk's Σ_c Δw instead of
+    keeping it, so memory stays at one chunk however many classes the batch holds."""
+
+    @staticmethod
+    def forward(ctx, weight, cov, classes, rows, step):
+        ctx.save_for_backward(weight, cov, classes, rows)
+        ctx.step = step
+        out = weight.new_empty(len(classes), weight.shape[0])
+        for lo, delta, cov_delta in _chunks(weight, cov, classes, rows, step):
+            out[lo:lo + len(delta)] = (cov_delta * delta).sum(-1)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, cov, classes, rows = ctx.saved_tensors
+        grad_weight = torch.zeros_like(weight)
+        with torch.autocast(weight.device.type, enabled=False):
+            for lo, delta, cov_delta in _chunks(weight, cov, classes, rows, ctx.step):
+                g = 2 * grad[lo:lo + len(delta), :, None] * cov_delta  # ∂Q/∂Δw_j = 2 Σ_c Δw_j (Σ symmetric)
+                grad_weight += g.sum(0)                                 # through w_j
+                grad_weight.index_add_(0, classes[lo:lo + len(delta)], -g.sum(1))  # through −w_c
+        return grad_weight, None, None, None, None
+
+
+def _chunks(weight, cov, classes, rows, step):
+    """(first row, Δw (K,C,D), Σ_c Δw (K,C,D)) for chunks of K classes."""
+    for lo in range(0, len(classes), step):
+        delta = weight[None] - weight[classes[lo:lo + step]][:, None]
+        block = cov[rows[lo:lo + step]]
+        cov_delta = delta @ block if block.dim() == 3 else delta * block[:, None, :]
+        yield lo, delta, cov_delta
+
+
+def augmented_cross_entropy(logits, labels, weight, cov, mu_r, alpha, beta, class_weights=None, classes=None):
+    """L̄∞ of eq. 12: the ρ-weighted mean CE of the augmented logits (ρ = None: eq. 11)."""
+    z = augmented_logits(logits, labels, weight, cov, mu_r, alpha, beta, classes=classes)
+    return F.cross_entropy(z, labels, weight=None if class_weights is None else class_weights.to(z.dtype))

@@ -1,0 +1,327 @@
+"""RISDAObjective without the trainer: a tiny model with a `.classifier` and a fake extract().
+
+The expected losses are recomputed here from the equations with numpy, independently of
+risda.stats / risda.graph / risda.loss."""
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from risda.config import Config, ConfigError
+from risda.method import RISDAObjective, head_classes
+
+COUNTS = [12, 8, 5, 3, 2]  # class 4 has 2 images, class 3 three
+C, D, IN = len(COUNTS), 4, 3
+EPOCHS, STAGE1 = 10, 4
+
+
+class Tiny(nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.backbone = nn.Sequential(nn.Linear(IN, D), nn.Tanh())
+        self.classifier = nn.Linear(D, C)
+
+    def forward(self, x):
+        f = self.backbone(x)
+        return f, self.classifier(f)
+
+
+def dataset(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(COUNTS)])
+    x = torch.randn(len(labels), IN, generator=g) + 0.7 * torch.randn(C, IN, generator=g)[labels]
+    return x, labels
+
+
+def batches(x, labels, epoch, size=10):
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(100 + epoch))
+    return [(x[order[i:i + size]], labels[order[i:i + size]]) for i in range(0, len(labels), size)]
+
+
+def extractor(model, x, labels, calls=None):
+    def extract():
+        if calls is not None:
+            calls.append(1)
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            f, z = model(x)
+        model.train(was)
+        return f, z, labels
+    return extract
+
+
+def config(**kw):
+    base = dict(arm="risda", epochs=EPOCHS, stage1_epochs=STAGE1, alpha=0.8, beta=1.2, head_count=2, device="cpu")
+    base.update(kw)
+    return Config(**base).resolved()
+
+
+def objective(**kw):
+    return RISDAObjective(config(**kw), COUNTS, D, torch.device("cpu"))
+
+
+# --- independent numpy versions of the equations ---------------------------------------
+def np_cov(x, ddof):
+    return np.cov(x, rowvar=False, ddof=ddof).reshape(D, D) if len(x) > ddof else np.zeros((D, D))
+
+
+def np_graph(pred, labels):
+    eps = np.zeros((C, C))
+    for c in range(C):
+        if (labels == c).sum():
+            for j in range(C):
+                eps[c, j] = ((labels == c) & (pred == j)).sum() / (labels == c).sum()
+    return eps
+
+
+def np_cb_weights(gamma=0.9999):
+    raw = np.array([(1 - gamma) / (1 - gamma ** n) for n in COUNTS])
+    return raw / raw.sum() * C
+
+
+def np_loss(logits, labels, W, cov, mu_r, alpha, beta, rho):
+    z = logits.copy()
+    for i, y in enumerate(labels):
+        for j in range(C):
+            dw = W[j] - W[y]
+            z[i, j] += alpha * dw @ mu_r[y] + 0.5 * beta * dw @ cov[y] @ dw
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    w = np.ones(C) if rho is None else rho
+    return -(w[labels] * logp[np.arange(len(labels)), labels]).sum() / w[labels].sum()
+
+
+def np_numpy(*ts):
+    return [t.detach().double().numpy() for t in ts]
+
+
+# --- tests ----------------------------------------------------------------------------
+def test_head_classes():
+    counts = [5, 9, 9, 3, 9, 1]
+    assert head_classes(counts, 2).tolist() == [False, True, True, False, False, False]  # ties by index
+    assert head_classes(counts, 2, by_index=True).tolist() == [True, True, False, False, False, False]
+    assert head_classes(counts, 2, head_min_count=4).tolist() == [True, True, True, False, True, False]
+
+
+def test_head_and_tail_wiring():
+    counts = [5, 12, 3, 8, 2]
+    make = lambda **kw: RISDAObjective(config(**kw), counts, D, torch.device("cpu"))
+    assert make().tail.tolist() == [True, False, True, False, True]  # the 2 largest are head
+    assert make(variant="reference").tail.tolist() == [False, False, True, True, True]  # the first 2 indices
+    assert make(head_min_count=4).tail.tolist() == [False, False, True, False, True]
+
+
+def test_stage1_is_plain_ce_and_extract_runs_once():
+    model, (x, labels) = Tiny(), dataset()
+    calls = []
+    obj = objective()
+    extract = extractor(model, x, labels, calls)
+    for epoch in range(STAGE1 + 2):
+        obj.begin_epoch(epoch, model, extract)
+        for xb, yb in batches(x, labels, epoch):
+            f, z = model(xb)
+            loss = obj.loss(f, z, yb, model, epoch)
+            if epoch < STAGE1:
+                torch.testing.assert_close(loss, F.cross_entropy(z, yb))
+        obj.end_epoch(epoch)
+        assert len(calls) == (epoch >= STAGE1)
+    assert obj.stats.count.tolist() == [3 * n for n in COUNTS]  # the pass, then two epochs of batches
+
+
+ARM_TERMS = {  # arm: (reweight, reasoning covariance, reasoning mean)
+    "risda": (True, True, True), "no_reweight": (False, True, True),
+    "no_reasoning": (True, False, False), "cov_only": (True, True, False),
+}
+
+
+@pytest.mark.parametrize("arm", list(ARM_TERMS))
+@pytest.mark.parametrize("covariance", ["full", "diag"])
+def test_paper_arms_match_the_equations(arm, covariance):
+    reweight, reason_cov, reason_mean = ARM_TERMS[arm]
+    model, (x, labels) = Tiny(), dataset()
+    obj = objective(arm=arm, covariance=covariance)
+    epoch = STAGE1 + 1
+    obj.begin_epoch(STAGE1, model, extractor(model, x, labels))
+    xb, yb = batches(x, labels, epoch)[0]
+    f, z = model(xb)
+    loss = obj.loss(f, z, yb, model, epoch)
+
+    # the stage-II pass (eval mode: Tiny has no train/eval difference) and the batch
+    fa, za = np_numpy(*model(x))
+    y_all, yb_np = labels.numpy(), yb.numpy()
+    fb, zb, W = np_numpy(f, z, model.classifier.weight)
+    seen_f, seen_y = np.concatenate([fa, fb]), np.concatenate([y_all, yb_np])
+    sigma = np.stack([np_cov(seen_f[seen_y == c], ddof=1) for c in range(C)])  # eq. 2 over all fed
+    if covariance == "diag":
+        sigma = np.stack([np.diag(np.diag(s)) for s in sigma])
+    eps = np_graph(za.argmax(1), y_all)
+    mu = np.stack([fa[y_all == c].mean(0) for c in range(C)])
+    tail = [c for c in range(C) if c >= 2]  # COUNTS is sorted: the 2 largest are head
+    cov, mu_r = sigma.copy(), np.zeros((C, D))
+    for c in tail:
+        others = [i for i in range(C) if i != c]
+        if reason_cov:
+            cov[c] += sum(eps[c, i] * sigma[i] for i in others)
+        if reason_mean:
+            mu_r[c] = sum(eps[c, i] * mu[i] for i in others)
+    t = epoch / EPOCHS
+    expected = np_loss(zb, yb_np, W, cov, mu_r, 0.8 * t, 1.2 * t, np_cb_weights() if reweight else None)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_no_strength_and_no_weights_is_ce():
+    model, (x, labels) = Tiny(), dataset()
+    obj = objective(arm="no_reweight", alpha=0.0, beta=0.0)
+    obj.begin_epoch(STAGE1, model, extractor(model, x, labels))
+    f, z = model(x)
+    torch.testing.assert_close(obj.loss(f, z, labels, model, STAGE1 + 3), F.cross_entropy(z, labels))
+
+
+def test_cov_only_has_no_mean_term():
+    model, (x, labels) = Tiny(), dataset()
+    losses = []
+    for arm in ("cov_only", "risda"):
+        obj = objective(arm=arm, beta=0.0)  # leaves the mean term alone
+        obj.begin_epoch(STAGE1, model, extractor(model, x, labels))
+        f, z = model(x)
+        losses.append(obj.loss(f, z, labels, model, STAGE1))
+    torch.testing.assert_close(losses[0], F.cross_entropy(z, labels, weight=obj.class_weights))
+    assert losses[1].item() != pytest.approx(losses[0].item())
+
+
+def test_isda_from_epoch_0_with_biased_statistics_and_no_weights():
+    model, (x, labels) = Tiny(), dataset()
+    obj = objective(arm="isda")
+    fail = lambda: pytest.fail("isda must not call extract()")
+    fed_f, fed_y = [], []
+    for epoch in range(2):
+        obj.begin_epoch(epoch, model, fail)
+        for xb, yb in batches(x, labels, epoch):
+            f, z = model(xb)
+            loss = obj.loss(f, z, yb, model, epoch)
+            fed_f.append(f.detach().double().numpy()), fed_y.append(yb.numpy())
+    sf, sy = np.concatenate(fed_f), np.concatenate(fed_y)
+    sigma = np.stack([np_cov(sf[sy == c], ddof=0) for c in range(C)])  # ISDA's estimator: 1/N
+    fb, zb, W = np_numpy(f, z, model.classifier.weight)
+    expected = np_loss(zb, yb.numpy(), W, sigma, np.zeros((C, D)), 0.0, 1.2 * 1 / EPOCHS, None)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_gradients_reach_classifier_and_backbone_in_stage2():
+    model, (x, labels) = Tiny(), dataset()
+    obj = objective()
+    obj.begin_epoch(STAGE1, model, extractor(model, x, labels))
+    f, z = model(x)
+    obj.loss(f, z, labels, model, STAGE1 + 2).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_lowrank_is_refused():
+    with pytest.raises(ConfigError, match="lowrank"):
+        objective(covariance="lowrank:4")
+
+
+def test_reference_variant():
+    """Behaviours 1-5: ε from the best stage-I training epoch (rounded), prototypes from the last
+    stage-I epoch's training features, displacement δ for every class, 2α, Σ_tail ← ε[tail] @ Σ
+    written back into an estimator started empty, head = the first head_count indices, 1/N."""
+    model, (x, labels) = Tiny(), dataset()
+    obj = objective(variant="reference", head_count=1)
+    accuracy, graphs, last_features = [], [], None
+    for epoch in range(STAGE1):
+        torch.manual_seed(epoch)  # a different classifier every epoch, so the best epoch matters
+        nn.init.normal_(model.classifier.weight)
+        obj.begin_epoch(epoch, model, lambda: pytest.fail("no extract() in stage I"))
+        preds, ys, feats = [], [], []
+        for xb, yb in batches(x, labels, epoch):
+            f, z = model(xb)
+            obj.loss(f, z, yb, model, epoch)
+            preds.append(z.argmax(1).numpy()), ys.append(yb.numpy()), feats.append(f.detach().double().numpy())
+        obj.end_epoch(epoch)
+        p, y = np.concatenate(preds), np.concatenate(ys)
+        accuracy.append((p == y).mean()), graphs.append(np.round(np_graph(p, y), 2))
+        last_features = (np.concatenate(feats), y)
+    best = int(np.argmax(accuracy))  # first of the best
+    eps = graphs[best]
+    np.testing.assert_allclose(obj.best_graph.numpy(), eps, atol=1e-6)
+    fl, yl = last_features
+    mu = np.stack([fl[yl == c].mean(0) for c in range(C)])
+    delta = eps @ mu - mu
+
+    obj.begin_epoch(STAGE1, model, lambda: pytest.fail("the reference variant observes, it does not extract"))
+    tail = list(range(1, C))
+    sigma, mean, count = np.zeros((C, D, D)), np.zeros((C, D)), np.zeros(C)
+    for step, (xb, yb) in enumerate(batches(x, labels, STAGE1)[:2]):
+        epoch = STAGE1 + step  # α changes between the two steps, so the shifted means matter
+        obj.begin_epoch(epoch, model, lambda: pytest.fail("prepared once"))
+        f, z = model(xb)
+        loss = obj.loss(f, z, yb, model, epoch)
+        t = epoch / EPOCHS
+        alpha, beta = 0.8 * t, 1.2 * t
+        fb, zb, W = np_numpy(f, z, model.classifier.weight)
+        y = yb.numpy()
+        shifted = fb + alpha * delta[y]  # their estimator sees the shifted feature
+        for c in np.unique(y):  # ISDA's pooled merge
+            xc = shifted[y == c]
+            m, n = len(xc), count[c]
+            w = m / (m + n)
+            d = mean[c] - xc.mean(0)
+            sigma[c] = (1 - w) * sigma[c] + w * np_cov(xc, 0) + w * (1 - w) * np.outer(d, d)
+            mean[c], count[c] = (1 - w) * mean[c] + w * xc.mean(0), n + m
+        sigma[tail] = np.einsum("ti,ide->tde", eps[tail], sigma)  # written back
+        np.testing.assert_allclose(obj.stats.cov.numpy(), sigma, rtol=1e-4, atol=1e-6)
+        expected = np_loss(zb, y, W, sigma, delta, 2 * alpha, beta, np_cb_weights())
+        assert loss.item() == pytest.approx(expected, rel=1e-5), step
+
+
+def train(epochs, model, opt, obj, x, labels):
+    losses = []
+    extract = extractor(model, x, labels)
+    for epoch in epochs:
+        obj.begin_epoch(epoch, model, extract)
+        for xb, yb in batches(x, labels, epoch):
+            f, z = model(xb)
+            loss = obj.loss(f, z, yb, model, epoch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        obj.end_epoch(epoch)
+    return losses
+
+
+def fresh(kw):
+    model = Tiny()
+    return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), objective(**kw)
+
+
+@pytest.mark.parametrize("kw", [{}, {"variant": "reference"}, {"arm": "isda"}, {"covariance": "diag"}])
+@pytest.mark.parametrize("stop", [STAGE1 - 2, STAGE1 + 1])
+def test_resume_continues_exactly(kw, stop):
+    x, labels = dataset()
+    model, opt, obj = fresh(kw)
+    straight = train(range(EPOCHS), model, opt, obj, x, labels)
+
+    model, opt, obj = fresh(kw)
+    first = train(range(stop + 1), model, opt, obj, x, labels)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "objective": obj.state_dict()}, buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    model, opt, obj = fresh(kw)
+    model.load_state_dict(state["model"]), opt.load_state_dict(state["opt"]), obj.load_state_dict(state["objective"])
+    resumed = first + train(range(stop + 1, EPOCHS), model, opt, obj, x, labels)
+    np.testing.assert_allclose(resumed, straight, rtol=1e-6)
+
+
+def test_missing_state_after_resume_prepares_again():
+    x, labels = dataset()
+    model, opt, obj = fresh({})
+    calls = []
+    obj.load_state_dict({})  # e.g. resumed in stage II from a checkpoint without the objective's state
+    obj.begin_epoch(STAGE1 + 3, model, extractor(model, x, labels, calls))
+    assert calls == [1] and obj.ready

@@ -28,7 +28,7 @@ CHECKPOINT_FILE = "checkpoint.pt"  # the trainer's file; Tune checkpoints hold j
 LOCAL_STORAGE = "ray_results"      # default storage, relative to the working directory
 # Tune's own per-report bookkeeping, dropped from our epoch tables.
 TUNE_COLUMNS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "date", "time_this_iter_s",
-                "time_total_s", "pid", "time_since_restore", "iterations_since_restore"}
+                "time_total_s", "pid", "time_since_restore", "iterations_since_restore", "should_checkpoint"}
 # Constant per-trial facts that ride along on every report (so any one report carries them).
 TRIAL_FACTS = ("device", "ray_gpu_ids", "node_id", "hostname", "seed", "subset_seed")
 
@@ -64,9 +64,10 @@ def train_trial(config: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             shutil.copy2(checkpoint, Path(d) / CHECKPOINT_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        # Tune holds the copy now; the trial dir is synced to storage, don't store it twice.
+        checkpoint.unlink(missing_ok=True)
 
     train(cfg, on_epoch=on_epoch, resume_from=resume_from)
-    (Path(cfg.out) / CHECKPOINT_FILE).unlink(missing_ok=True)  # Tune holds the copy; don't sync it twice
 
 
 def trial_config(config: dict) -> Config:
@@ -121,6 +122,12 @@ def restore_trial_checkpoint(out: Path) -> Path | None:
     with checkpoint.as_directory() as d:
         shutil.copy2(Path(d) / CHECKPOINT_FILE, out / CHECKPOINT_FILE)
     return out / CHECKPOINT_FILE
+
+
+def trial_dirname(trial) -> str:
+    """Short trial directory names (TuneConfig(trial_dirname_creator=...)): by default Tune
+    spells out every config field that a searcher's suggestion carries."""
+    return f"{trial.trainable_name}_{trial.trial_id}"
 
 
 def absolute_paths(cfg: Config) -> Config:
@@ -414,11 +421,11 @@ def print_top(trials, metric: str = "val_error", params=(), n: int = 10, title: 
         return
     scored = trials[trials[f"final_{metric}"].notna()].sort_values(["completed", f"final_{metric}"], ascending=[False, True])
     table = Table(title=title)
-    columns = {"trial_id": "trial", **{p: p for p in params}, f"final_{metric}": metric, f"best_{metric}": f"best {metric}",
-               "final_test_error": "test", "final_test_many_error": "many", "final_test_medium_error": "medium",
-               "final_test_few_error": "few", "epochs_run": "epochs", "wall_time_s": "wall s", "device": "device"}
+    columns = {"trial_id": "trial", **{p: p for p in params}, f"final_{metric}": metric.replace("_error", ""),
+               "final_test_error": "test", "final_test_many_error": "many", "final_test_medium_error": "med",
+               "final_test_few_error": "few", "epochs_run": "epochs", "wall_time_s": "wall s"}
     for label in columns.values():
-        table.add_column(label, justify="left" if label in ("trial", "device") else "right")
+        table.add_column(label, justify="left" if label == "trial" else "right", no_wrap=True)
     for _, row in scored.head(n).iterrows():
         table.add_row(*[_fmt(row.get(c)) for c in columns])
     console.print(table)

@@ -125,10 +125,11 @@ class RISDAObjective(Objective):
         classes = labels.unique()
         cov = self.stats.covariance(self.unbiased, classes)
         if self.arm.reason_cov:
-            is_tail = self.tail[classes]
-            # eq. 4 from the current Σ; eq. 2's N/(N−1) folded into ε's columns
+            # eq. 4 from the current Σ, eq. 2's N/(N−1) folded into ε's columns; masked rather
+            # than indexed to the tail, which would cost a host sync
             scaled_graph = self.graph * self.stats.correction(self.unbiased)
-            cov[is_tail] += reasoning_covariance(scaled_graph, self.stats.cov, classes[is_tail])
+            is_tail = self.tail[classes].view(-1, *[1] * (cov.dim() - 1))
+            cov += reasoning_covariance(scaled_graph, self.stats.cov, classes) * is_tail
         mu_r = self.mean_shift[classes] if self.arm.reason_mean else None
         return augmented_logits(logits, labels, weight, cov, mu_r, alpha, beta, classes=classes)
 

@@ -59,13 +59,14 @@ class ClassStatistics:
     def _merge_full(self, classes, inverse, m, centered, shift, w) -> None:
         # Samples sorted by class so a chunk of classes owns a contiguous run of samples:
         # each chunk builds only its K×D×D batch covariances, never N×D×D outer products.
-        order = torch.argsort(inverse)
-        starts = [0] + torch.cumsum(m, 0).tolist()
         d2 = self.dim * self.dim
         step = max(1, min(self.chunk_elements // d2, self.chunk_elements // max(1, len(inverse) * self.dim)))
+        if step < len(classes):
+            order = torch.argsort(inverse)
+            starts = [0] + torch.cumsum(m, 0).tolist()
         for lo in range(0, len(classes), step):
             hi = min(lo + step, len(classes))
-            rows = order[starts[lo]:starts[hi]]
+            rows = order[starts[lo]:starts[hi]] if step < len(classes) else torch.arange(len(inverse), device=centered.device)
             x = centered[rows]                                                   # (n_k, D)
             own = inverse[rows][None, :] == torch.arange(lo, hi, device=x.device)[:, None]  # (K, n_k)
             batch_cov = (own[:, :, None] * x).transpose(1, 2) @ x / m[lo:hi, None, None]   # (K, D, D)

@@ -325,3 +325,17 @@ def test_missing_state_after_resume_prepares_again():
     obj.load_state_dict({})  # e.g. resumed in stage II from a checkpoint without the objective's state
     obj.begin_epoch(STAGE1 + 3, model, extractor(model, x, labels, calls))
     assert calls == [1] and obj.ready
+
+
+def test_bf16_autocast_keeps_statistics_and_loss_in_fp32():
+    model, (x, labels) = Tiny(), dataset()
+    obj = objective()
+    obj.begin_epoch(STAGE1, model, extractor(model, x, labels))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        f, z = model(x)
+        assert z.dtype == torch.bfloat16
+        loss = obj.loss(f, z, labels, model, STAGE1 + 1)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert obj.stats.cov.dtype == torch.float32
+    loss.backward()
+    assert model.classifier.weight.grad.dtype == torch.float32

@@ -64,6 +64,7 @@ class QuadraticForm(torch.autograd.Function):
         out = weight.new_empty(len(classes), weight.shape[0])
         for lo, delta, cov_delta in _chunks(weight, cov, classes, rows, step):
             out[lo:lo + len(delta)] = (cov_delta * delta).sum(-1)
+        ctx.kept = cov_delta if step >= len(classes) else None  # one chunk (small): keep, don't recompute
         return out
 
     @staticmethod
@@ -71,10 +72,13 @@ class QuadraticForm(torch.autograd.Function):
         weight, cov, classes, rows = ctx.saved_tensors
         grad_weight = torch.zeros_like(weight)
         with torch.autocast(weight.device.type, enabled=False):
-            for lo, delta, cov_delta in _chunks(weight, cov, classes, rows, ctx.step):
-                g = 2 * grad[lo:lo + len(delta), :, None] * cov_delta  # ∂Q/∂Δw_j = 2 Σ_c Δw_j (Σ symmetric)
-                grad_weight += g.sum(0)                                 # through w_j
-                grad_weight.index_add_(0, classes[lo:lo + len(delta)], -g.sum(1))  # through −w_c
+            chunks = [(0, None, ctx.kept)] if ctx.kept is not None else _chunks(weight, cov, classes, rows, ctx.step)
+            for lo, _, cov_delta in chunks:
+                k = len(cov_delta)
+                g = 2 * grad[lo:lo + k, :, None] * cov_delta  # ∂Q/∂Δw_j = 2 Σ_c Δw_j (Σ symmetric)
+                grad_weight += g.sum(0)                        # through w_j
+                grad_weight.index_add_(0, classes[lo:lo + k], -g.sum(1))  # through −w_c
+        ctx.kept = None
         return grad_weight, None, None, None, None
 
 

@@ -57,16 +57,21 @@ class ClassStatistics:
             self.count[classes] += m
 
     def _merge_full(self, classes, inverse, m, centered, shift, w) -> None:
-        # Samples sorted by class so a chunk of classes owns a contiguous run of samples:
-        # each chunk builds only its K×D×D batch covariances, never N×D×D outer products.
         d2 = self.dim * self.dim
-        step = max(1, min(self.chunk_elements // d2, self.chunk_elements // max(1, len(inverse) * self.dim)))
-        if step < len(classes):
-            order = torch.argsort(inverse)
-            starts = [0] + torch.cumsum(m, 0).tolist()
+        if len(inverse) * d2 <= self.chunk_elements:  # small D: sum the N outer products by class
+            outer = centered[:, :, None] * centered[:, None, :]
+            batch_cov = torch.zeros(len(classes), self.dim, self.dim, device=centered.device).index_add_(0, inverse, outer)
+            shift_outer = shift[:, :, None] * shift[:, None, :]
+            self.cov[classes] = _merge(self.cov[classes], batch_cov / m[:, None, None], shift_outer, w[:, None, None])
+            return
+        # Large D: samples sorted by class so a chunk of classes owns a contiguous run of them;
+        # each chunk builds only its K×D×D batch covariances, never N×D×D outer products.
+        step = max(1, min(self.chunk_elements // d2, self.chunk_elements // (len(inverse) * self.dim)))
+        order = torch.argsort(inverse)
+        starts = [0] + torch.cumsum(m, 0).tolist()
         for lo in range(0, len(classes), step):
             hi = min(lo + step, len(classes))
-            rows = order[starts[lo]:starts[hi]] if step < len(classes) else torch.arange(len(inverse), device=centered.device)
+            rows = order[starts[lo]:starts[hi]]
             x = centered[rows]                                                   # (n_k, D)
             own = inverse[rows][None, :] == torch.arange(lo, hi, device=x.device)[:, None]  # (K, n_k)
             batch_cov = (own[:, :, None] * x).transpose(1, 2) @ x / m[lo:hi, None, None]   # (K, D, D)

@@ -20,7 +20,7 @@ def long_tail_batches(seed=0):
     return features, labels, counts, batches
 
 
-@pytest.mark.parametrize("chunk_elements", [2 ** 24, 1])  # one chunk, and one class per chunk
+@pytest.mark.parametrize("chunk_elements", [2 ** 24, 400, 1])  # outer products; 3 classes a chunk; 1
 def test_online_matches_numpy(chunk_elements):
     features, labels, counts, batches = long_tail_batches()
     stats = ClassStatistics(C, D, chunk_elements=chunk_elements)

@@ -1,0 +1,136 @@
+"""A plan (risda.ablation) as one Ray Tune experiment: a grid search over the spec's axes,
+no scheduler, no early stopping. Everything Ray-specific that is not particular to
+ablations (the trainable, ray init, the resource check, storage, restore-or-new, the
+collation of a ResultGrid) is `risda.raytune`, shared with the search command.
+
+The experiment's param_space: one `tune.grid_search` per grid axis (so Ray's trial names
+and progress show `arm=ce,imbalance=100.0,seed=0`), the Config fields that are the same in
+every cell as constants, and the fields that differ between cells without being axes
+(α, β from Table 2 per λ; subset_seed = seed) looked up from the plan by `CellValue`. The
+plan stays the one source of truth for what each trial trains.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import fields
+
+from ray import tune
+
+from . import raytune
+from .ablation import coerce, plan_cells
+from .config import Config, ConfigError
+
+PLAN_FILE = "ablation_plan.json"  # a copy of the plan beside the Ray experiment
+
+
+class CellValue:
+    """tune.sample_from callable: the value of a non-axis field for the trial's cell."""
+
+    def __init__(self, field: str, axes: list[str], table: dict):
+        self.field, self.axes, self.table = field, list(axes), table
+
+    def __call__(self, spec):
+        key = tuple(coerce(a, spec.config[a]) for a in self.axes)
+        try:
+            return self.table[key]
+        except KeyError:
+            raise ConfigError(f"{self.field}: no planned cell for {dict(zip(self.axes, key))}") from None
+
+
+def param_space(plan: dict) -> dict:
+    cells = plan_cells(plan)
+    axes = plan["axes"]
+    grid = {a: [coerce(a, v) for v in vals] for a, vals in plan["spec"]["grid"].items()}
+    if math.prod(len(v) for v in grid.values()) != len(cells):
+        raise ConfigError("the plan's cells are not the product of its grid axes; re-expand the spec")
+    space = {}
+    for f in (f.name for f in fields(Config)):
+        values = [c.config[f] for c in cells]
+        if f in axes:
+            space[f] = tune.grid_search(grid[f])
+        elif all(v == values[0] for v in values):
+            space[f] = values[0]
+        else:
+            table = {tuple(c.key[a] for a in axes): c.config[f] for c in cells}
+            space[f] = tune.sample_from(CellValue(f, axes, table))
+    return space
+
+
+def trainable(cpus_per_trial: float, gpus_per_trial: float):
+    return tune.with_resources(raytune.train_trial, raytune.trial_resources(cpus_per_trial, gpus_per_trial))
+
+
+def run_experiment(plan: dict, storage: str, name: str, cpus_per_trial: float, gpus_per_trial: float,
+                   restart: bool = False, progress: bool = True, max_failures: int = 0):
+    """(ResultGrid, restored): fit the plan's grid, or continue an interrupted experiment
+    (finished trials kept, unfinished ones resumed from their checkpoints, failed ones not
+    retried; --restart starts over)."""
+    path = raytune.experiment_uri(storage, name)
+    train = trainable(cpus_per_trial, gpus_per_trial)
+    axes = plan["axes"]
+    callbacks = [raytune.RichProgress(len(plan["cells"]), metric="test_error", params=axes)] if progress else []
+
+    def new_tuner():
+        return tune.Tuner(
+            train, param_space=param_space(plan),
+            tune_config=tune.TuneConfig(num_samples=1),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage, verbose=0, callbacks=callbacks,
+                failure_config=tune.FailureConfig(max_failures=max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+
+    tuner, restored = raytune.restore_or_new_tuner(path, train, new_tuner, restart=restart)
+    raytune.write_text(f"{path}/{PLAN_FILE}", json.dumps(plan, indent=1))
+    return tuner.fit(), restored
+
+
+def saved_plan(storage: str, name: str) -> dict | None:
+    text = raytune.read_text(f"{raytune.experiment_uri(storage, name)}/{PLAN_FILE}")
+    return json.loads(text) if text else None
+
+
+def load_results(storage: str, name: str):
+    """The ResultGrid of an existing experiment, without training anything."""
+    path = raytune.experiment_uri(storage, name)
+    if not tune.Tuner.can_restore(path):
+        raise ConfigError(f"--collate-only: no Ray experiment at {path}; run without --collate-only first, "
+                          f"or point --storage / --name at the experiment")
+    return tune.Tuner.restore(path, trainable=raytune.train_trial).get_results()
+
+
+# --- ResultGrid -> trial dicts for risda.ablation_tables.collate_runs ---------------------
+def trials_from_grid(grid, axes) -> tuple[list[dict], "object"]:
+    """(trials, epochs DataFrame). Each trial: config, status (Ray's), error, result (the
+    trainer-summary errors: last evaluated epoch, best validation epoch, best test epoch)."""
+    trials_df, epochs_df = raytune.collate(grid, metric="val_error", params=())
+    trials = []
+    for row in trials_df.to_dict("records"):
+        epochs = epochs_df[epochs_df.trial_id == row["trial_id"]] if len(epochs_df) else epochs_df
+        trials.append(dict(config=json.loads(row["config"]), status=row["status"], error=row["error"],
+                           trial_id=row["trial_id"], path=row["path"],
+                           result=summary_from_epochs(epochs, row)))
+    return trials, epochs_df
+
+
+def summary_from_epochs(epochs, row: dict) -> dict:
+    """The trainer's summary fields (risda.trainer.summarize) from a trial's reported epochs."""
+    out = dict(epochs_run=row.get("epochs_run"), wall_time_s=row.get("wall_time_s"), completed=bool(row.get("completed")))
+    if epochs is None or not len(epochs) or "test_error" not in epochs:
+        return out
+    evaluated = epochs[epochs.test_error.notna()].sort_values("epoch")
+    if not len(evaluated):
+        return out
+    last = evaluated.iloc[-1]
+    out.update(test_error=last.test_error, many_error=last.get("test_many_error"),
+               medium_error=last.get("test_medium_error"), few_error=last.get("test_few_error"),
+               last_epoch=last.epoch)
+    best_test = evaluated.loc[evaluated.test_error.idxmin()]
+    out.update(best_test_error=best_test.test_error, best_test_epoch=best_test.epoch)
+    if "val_error" in evaluated and evaluated.val_error.notna().any():
+        best_val = evaluated.loc[evaluated.val_error.idxmin()]
+        out.update(best_val_error=best_val.val_error, best_val_epoch=best_val.epoch,
+                   test_error_at_best_val=best_val.test_error)
+    if "train_size" in evaluated:
+        out["train_size"] = last.get("train_size")
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}

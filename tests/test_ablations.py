@@ -1,0 +1,261 @@
+"""The ablation runner (ablations/run.py): specs, cell expansion, collation, tables, figures,
+and one real Ray Tune experiment on CIFAR-10-LT images."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from risda.ablation import (DATA_FIELDS, TABLE2, apply_overrides, expand, list_specs, load_spec, make_plan,
+                            parse_spec, read_best, table2)
+from risda.ablation_tables import (FAILED, METRICS, NOT_RUN, OK, PARTIAL, collate_runs, latex_table,
+                                   markdown_table, rich_tables, summarize_runs)
+from risda.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def load_run_module():
+    spec = importlib.util.spec_from_file_location("ablations_run", REPO / "ablations" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def plan_for(name, grid=None, flags=None, best=None):
+    spec, flags, notes = apply_overrides(load_spec(name), grid or {}, flags or {})
+    cells, more = expand(spec, flags, best)
+    return make_plan(spec, cells, notes + more)
+
+
+# --- specs and cells ------------------------------------------------------------------------
+def test_bundled_specs_expand():
+    assert {"table5", "fig4_alpha_beta", "fig5_head_count", "variants"} <= set(list_specs())
+    plan = plan_for("table5")
+    assert len(plan["cells"]) == 6 * 5 * 3
+    assert plan["axes"] == ["arm", "imbalance", "seed"]
+    assert plan["cells"][0]["config"]["dataset"] == "cifar100lt" and plan["cells"][0]["config"]["epochs"] == 200
+    for cell in plan["cells"]:
+        alpha, beta = TABLE2[cell["key"]["imbalance"]]
+        assert (cell["config"]["alpha"], cell["config"]["beta"]) == (alpha, beta)
+    assert len(plan_for("fig4_alpha_beta")["cells"]) == 6 * 6 * 2
+    assert len(plan_for("fig5_head_count")["cells"]) == 4 * 2 * 3
+    variants = plan_for("variants")
+    assert {c["config"]["variant"] for c in variants["cells"]} == {"paper", "reference"}
+
+
+def test_table2_nearest_factor_is_named():
+    assert table2(100) == (0.5, 0.75, 100.0, True)
+    assert table2(150)[2:] == (200.0, False)     # log scale: 150 is nearer 200 than 100
+    assert table2(30)[2:] == (20.0, False)
+    plan = plan_for("table5", grid={"imbalance": ["150"], "seed": ["0"], "arm": ["ce"]})
+    assert any("λ=150 is not in the paper's Table 2" in n and "λ=200" in n for n in plan["notes"])
+    assert plan["cells"][0]["hp_source"] == "Table 2 λ=200 (nearest to 150)"
+
+
+def test_seed_is_subset_and_model_seed_and_arms_share_the_subset():
+    plan = plan_for("variants", grid={"seed": ["0", "3"]})
+    groups = {}
+    for c in plan["cells"]:
+        cfg = c["config"]
+        assert cfg["seed"] == cfg["subset_seed"] == c["key"]["seed"]  # also in the reference variant (not 42)
+        groups.setdefault((cfg["imbalance"], cfg["seed"]), set()).add(tuple(cfg[f] for f in DATA_FIELDS))
+    assert all(len(v) == 1 for v in groups.values())
+    pinned = plan_for("table5", grid={"seed": ["0", "1"]}, flags={"subset_seed": 42})
+    assert {c["config"]["subset_seed"] for c in pinned["cells"]} == {42}
+
+
+def test_precedence_flags_best_json_and_grid(tmp_path):
+    # a typed trainer flag beats the spec's [config]; a flag naming an axis narrows it
+    plan = plan_for("fig4_alpha_beta", flags={"alpha": 0.5, "epochs": 7, "dataset": "cifar10lt"})
+    assert {c["config"]["alpha"] for c in plan["cells"]} == {0.5}
+    assert len(plan["cells"]) == 6 * 2 and {c["config"]["epochs"] for c in plan["cells"]} == {7}
+    # best.json replaces Table 2 (only method/optimiser fields are taken from it)
+    best_path = tmp_path / "best.json"
+    best_path.write_text(json.dumps({"config": {"alpha": 0.3, "beta": 1.2, "head_count": 3, "epochs": 999,
+                                                "dataset": "cifar100lt", "imbalance": 100.0},
+                                     "params": {"alpha": 0.3, "beta": 1.2, "head_count": 3}}))
+    best, notes = read_best(best_path)
+    assert best == {"alpha": 0.3, "beta": 1.2, "head_count": 3}
+    plan = plan_for("table5", grid={"seed": ["0"]}, best=best)
+    assert {(c["config"]["alpha"], c["config"]["beta"], c["config"]["epochs"]) for c in plan["cells"]} == {(0.3, 1.2, 200)}
+    assert plan["cells"][0]["hp_source"] == "best.json"
+    # a grid value beats best.json
+    plan = plan_for("fig4_alpha_beta", best=best)
+    assert len({c["config"]["alpha"] for c in plan["cells"]}) == 6
+
+
+def test_spec_errors_name_the_fix():
+    with pytest.raises(ConfigError, match="not a Config field"):
+        parse_spec({"grid": {"alhpa": [1]}}, "bad")
+    with pytest.raises(ConfigError, match="not in \\[grid\\]"):
+        parse_spec({"grid": {"arm": ["ce"]}, "layout": {"rows": ["arm"], "cols": "beta"}}, "bad")
+    with pytest.raises(ConfigError, match="unknown arm"):
+        parse_spec({"grid": {"arm": ["rsida"], "imbalance": [10]}}, "bad")
+    with pytest.raises(ConfigError, match="both"):
+        parse_spec({"grid": {"arm": ["ce"], "imbalance": [10]}, "config": {"arm": "ce"}}, "bad")
+    with pytest.raises(ConfigError, match="different data"):
+        plan_for("table5", grid={"n_max": ["100", "200"], "seed": ["0"]})
+    with pytest.raises(ConfigError, match="--epochs"):
+        plan_for("table5", flags={"epochs": 0})
+
+
+def test_param_space_reproduces_the_cells():
+    from ray.tune.search.variant_generator import generate_variants
+    from risda.ablation_ray import param_space
+    plan = plan_for("table5", grid={"imbalance": ["150", "10"], "seed": ["0", "1"], "arm": ["risda", "ce"]},
+                    flags={"dataset": "cifar10lt"})
+    configs = [cfg for _, cfg in generate_variants(param_space(plan))]
+    expected = {json.dumps(c["config"], sort_keys=True) for c in plan["cells"]}
+    assert len(configs) == len(plan["cells"])
+    assert {json.dumps(c, sort_keys=True) for c in configs} == expected
+
+
+# --- collation on synthetic trials ----------------------------------------------------------
+def synthetic(plan, fail=(), skip=(), partial_epochs=()):
+    rng = random.Random(0)
+    trials = []
+    for i, c in enumerate(plan["cells"]):
+        if i in skip:
+            continue
+        if i in fail:
+            trials.append(dict(config=c["config"], status="ERROR", error="ValueError: boom", result={}))
+            continue
+        result = {m: 30 + 40 * rng.random() for m in METRICS}
+        result.update(last_epoch=c["config"]["epochs"] - 1, epochs_run=c["config"]["epochs"], wall_time_s=1.0,
+                      completed=i not in partial_epochs)
+        trials.append(dict(config=c["config"], status="TERMINATED", error=None, result=result))
+    return trials
+
+
+def test_collation_keeps_failed_and_missing_cells_and_matches_pandas():
+    plan = plan_for("table5", grid={"arm": ["risda", "ce"], "imbalance": ["100", "10"]}, flags={"dataset": "cifar10lt"})
+    trials = synthetic(plan, fail={0}, skip={4}, partial_epochs={7})
+    runs = collate_runs(plan, trials)
+    assert len(runs) == len(plan["cells"]) == 12
+    assert runs.status.tolist().count(FAILED) == 2 and runs.status.tolist().count(NOT_RUN) == 1
+    assert runs.loc[0, "error"] == "ValueError: boom"
+    assert "stopped after" in runs.loc[7, "error"]
+    assert runs.loc[runs.status != OK, "test_error"].isna().all()
+
+    summary = summarize_runs(runs, plan)
+    assert len(summary) == 4
+    ok = runs[runs.status == OK]
+    direct = ok.groupby(["arm", "imbalance"]).test_error.agg(["mean", "std", "count"])
+    for _, row in summary.iterrows():
+        d = direct.loc[(row.arm, row.imbalance)]
+        assert row.test_error_mean == pytest.approx(d["mean"])
+        assert row.test_error_std == pytest.approx(d["std"]) or (math.isnan(row.test_error_std) and d["count"] < 2)
+        assert row.test_error_count == d["count"]
+        assert row.n_runs == 3 and row.n_ok + row.n_failed + row.n_not_run == 3
+    statuses = dict(zip(zip(summary.arm, summary.imbalance), summary.status))
+    assert statuses[("risda", 100.0)] == PARTIAL and statuses[("risda", 10.0)] == PARTIAL
+    assert statuses[("ce", 100.0)] == PARTIAL and statuses[("ce", 10.0)] == OK  # cell 7: ce, λ=100, seed 1
+
+    # every cell failed -> the table says FAILED, never a number
+    all_failed = collate_runs(plan, synthetic(plan, fail=set(range(12))))
+    s2 = summarize_runs(all_failed, plan)
+    assert set(s2.status) == {FAILED} and s2.test_error_mean.isna().all()
+    (title, table, caption), = rich_tables(plan, all_failed, s2, "test_error")
+    from rich.console import Console
+    console = Console(record=True, width=200)
+    console.print(table)
+    assert console.export_text().count("FAILED") == 4
+    assert "CIFAR-10-LT" in title and "CIFAR-100-LT" in caption
+    assert "FAILED" in markdown_table(plan, all_failed, s2, "test_error")
+    assert "\\toprule" in latex_table(plan, runs, summary, "test_error")
+
+
+@pytest.mark.parametrize("name", ["table5", "fig4_alpha_beta", "fig5_head_count", "variants"])
+def test_figures_for_every_study(name, tmp_path):
+    from risda.ablation_figures import plot_study
+    grid = {"seed": ["0", "1"]}
+    if name == "fig4_alpha_beta":
+        grid = {"alpha": ["0.5", "1.0"], "beta": ["0.5", "0.75", "1.0"], "seed": ["0"]}
+    plan = plan_for(name, grid=grid)
+    runs = collate_runs(plan, synthetic(plan, fail={1}))
+    summary = summarize_runs(runs, plan)
+    path = plot_study(plan, runs, summary, "test_error", tmp_path / f"{name}.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5000
+
+
+# --- end to end on Ray ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def tiny_args(cifar10_root, tmp_path, name, *extra):
+    return ["--dataset", "cifar10lt", "--data-root", str(cifar10_root), "--epochs", "3", "--n-max", "150",
+            "--test-per-class", "50", "--head-count", "2", "--seeds", "0", "--cpus-per-trial", "1",
+            "--storage", str(tmp_path / "ray"), "--results", str(tmp_path / "results"), "--name", name,
+            "--no-progress", *extra]
+
+
+@pytest.mark.slow
+def test_end_to_end_two_arms_two_imbalances(cifar10_root, tmp_path, ray_local, capsys):
+    run = load_run_module()
+    args = tiny_args(cifar10_root, tmp_path, "e2e", "--arms", "risda,ce", "--imbalance", "100,10")
+    assert run.main(args) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "CIFAR-10-LT" in out and "λ=100" in out and "RISDA" in out
+
+    results = tmp_path / "results" / "e2e"
+    runs = pd.read_parquet(results / "runs.parquet")
+    cells = set(zip(runs.arm, runs.imbalance, runs.seed))
+    assert cells == {("risda", 100.0, 0), ("risda", 10.0, 0), ("ce", 100.0, 0), ("ce", 10.0, 0)} and len(runs) == 4
+    assert (runs.status == OK).all() and runs.error.isna().all()
+    assert runs[["test_error", "many_error", "few_error", "last_epoch", "wall_time_s"]].notna().all().all()
+    assert (runs.last_epoch == 2).all() and (runs.subset_seed == 0).all()
+    assert set(runs.alpha[runs.imbalance == 10]) == {TABLE2[10.0][0]} and set(runs.beta[runs.imbalance == 100]) == {TABLE2[100.0][1]}
+
+    summary = pd.read_parquet(results / "summary.parquet")
+    direct = runs.groupby(["arm", "imbalance"]).test_error.agg(["mean", "count"])
+    assert len(summary) == 4
+    for _, row in summary.iterrows():
+        assert row.test_error_mean == pytest.approx(direct.loc[(row.arm, row.imbalance), "mean"])
+        assert row.test_error_count == 1 and row.status == OK
+    png = (results / "figure.png").read_bytes()
+    assert png[:8] == PNG_MAGIC and len(png) > 5000
+    assert (results / "table.md").read_text().count("|") > 10
+
+    # re-collating without training gives the same rows
+    assert run.main(["--collate-only", "--storage", str(tmp_path / "ray"), "--results", str(tmp_path / "results"),
+                     "--name", "e2e"]) == 0
+    again = pd.read_parquet(results / "runs.parquet")
+    pd.testing.assert_frame_equal(again[["cell", "status", "test_error"]], runs[["cell", "status", "test_error"]])
+    # the same name with another plan is refused before anything runs
+    capsys.readouterr()
+    assert run.main(tiny_args(cifar10_root, tmp_path, "e2e", "--arms", "risda,ce", "--imbalance", "100,10", "--lr", "0.05")) == 2
+    assert "--restart" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_failing_cell_is_reported_as_failed(cifar10_root, tmp_path, ray_local, capsys):
+    run = load_run_module()
+    # λ=1000 with n_max 150 leaves a class without images: that trial raises inside Ray
+    args = tiny_args(cifar10_root, tmp_path, "fails", "--arms", "ce", "--imbalance", "10,1000", "--epochs", "1")
+    assert run.main(args) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "no image" in out
+    results = tmp_path / "results" / "fails"
+    runs = pd.read_parquet(results / "runs.parquet")
+    assert len(runs) == 2
+    bad = runs[runs.imbalance == 1000].iloc[0]
+    assert bad.status == FAILED and "no image" in bad.error and math.isnan(bad.test_error)
+    assert runs[runs.imbalance == 10].iloc[0].status == OK
+    summary = pd.read_parquet(results / "summary.parquet").set_index("imbalance")
+    assert summary.loc[1000.0, "status"] == FAILED and summary.loc[1000.0, "n_failed"] == 1
+    assert math.isnan(summary.loc[1000.0, "test_error_mean"])
+    assert (results / "figure.png").read_bytes()[:8] == PNG_MAGIC

@@ -283,7 +283,7 @@ def train(epochs, model, opt, obj, x, labels):
     extract = extractor(model, x, labels)
     for epoch in epochs:
         obj.begin_epoch(epoch, model, extract)
-        for xb, yb in batches(x, labels, epoch):
+        for xb, yb in batches(x, labels, epoch, size=15):
             f, z = model(xb)
             loss = obj.loss(f, z, yb, model, epoch)
             opt.zero_grad()

@@ -46,38 +46,42 @@ def train_trial(config: dict) -> None:
 
     # Ray logs a line per persisted checkpoint from every trial; it drowns the driver's progress.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    cfg = trial_config(config)
-    seed_everything(cfg.seed)
-    set_torch_threads()
-    facts = dict(device=device_name(pick_device(cfg.device)), ray_gpu_ids=",".join(map(str, ray.get_gpu_ids())),
-                 node_id=ray.get_runtime_context().get_node_id(), hostname=socket.gethostname(),
-                 seed=cfg.seed, subset_seed=cfg.resolved().subset_seed)
-    resume_from = restore_trial_checkpoint(Path(cfg.out))
+    # The trainer's own out dir is scratch: Tune copies its trial dir to storage while the
+    # trial runs, which stored stale copies of checkpoint.pt; everything the trainer writes
+    # is in the reports anyway.
+    out = Path(tempfile.mkdtemp(prefix=f"risda-trial-{tune.get_context().get_trial_id()}-"))
+    try:
+        cfg = trial_config(config, out)
+        seed_everything(cfg.seed)
+        set_torch_threads()
+        facts = dict(device=device_name(pick_device(cfg.device)), ray_gpu_ids=",".join(map(str, ray.get_gpu_ids())),
+                     node_id=ray.get_runtime_context().get_node_id(), hostname=socket.gethostname(),
+                     seed=cfg.seed, subset_seed=cfg.resolved().subset_seed)
 
-    def on_epoch(record: dict, checkpoint: Path | None) -> None:
-        metrics = {**record, "epochs_done": record["epoch"] + 1, **facts}
-        if checkpoint is None:
-            tune.report(metrics)
-            return
-        # Tune copies the directory into its storage during report(), so a temporary copy
-        # is enough and the trainer can keep overwriting its own file.
-        with tempfile.TemporaryDirectory() as d:
-            shutil.copy2(checkpoint, Path(d) / CHECKPOINT_FILE)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
-        # Tune holds the copy now; the trial dir is synced to storage, don't store it twice.
-        checkpoint.unlink(missing_ok=True)
+        def on_epoch(record: dict, checkpoint: Path | None) -> None:
+            metrics = {**record, "epochs_done": record["epoch"] + 1, **facts}
+            if checkpoint is None:
+                tune.report(metrics)
+                return
+            # Tune copies the directory into its storage during report(), so a temporary
+            # copy is enough and the trainer can keep overwriting its own file.
+            with tempfile.TemporaryDirectory() as d:
+                shutil.copy2(checkpoint, Path(d) / CHECKPOINT_FILE)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-    train(cfg, on_epoch=on_epoch, resume_from=resume_from)
+        train(cfg, on_epoch=on_epoch, resume_from=restore_trial_checkpoint(out))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
-def trial_config(config: dict) -> Config:
+def trial_config(config: dict, out: Path) -> Config:
     """The Config a trial runs: the given fields, with the run-local ones set for Tune.
 
-    out is the trial's own directory; progress bars are off; every checkpoint epoch is
+    out is the trial's scratch directory; progress bars are off; every checkpoint epoch is
     also an evaluated epoch (a report without the metric would stop the trial); the
     device is the one Ray assigned (see `trial_device`)."""
     cfg = Config.from_dict(config)
-    cfg.out = str(Path(tune.get_context().get_trial_dir()) / "run")
+    cfg.out = str(out)
     cfg.progress, cfg.resume = False, False
     if cfg.checkpoint_every % cfg.eval_every:
         cfg.checkpoint_every = cfg.eval_every
@@ -317,7 +321,9 @@ def trial_row(result, status: str | None, metric: str = "val_error", params=()) 
     for k in ("test_error", "test_many_error", "test_medium_error", "test_few_error",
               "val_error", "val_many_error", "val_medium_error", "val_few_error"):
         row.setdefault(f"final_{k}", last.get(k))
-    row.update(train_time_s=last.get("wall_time_s"), wall_time_s=metrics.get("time_total_s"),
+    ended, wall = metrics.get("timestamp"), metrics.get("time_total_s")
+    row.update(train_time_s=last.get("wall_time_s"), wall_time_s=wall,
+               started_at=None if ended is None or wall is None else ended - wall, ended_at=ended,
                node_ip=metrics.get("node_ip"), **{k: last.get(k) for k in TRIAL_FACTS},
                path=result.path, config=json.dumps(config, sort_keys=True))
     return row

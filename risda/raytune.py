@@ -156,7 +156,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     if address:
         check_reachable(address)
         options.pop("include_dashboard", None)  # only meaningful when starting Ray
-        ray.init(address=address, **options)
+        try:
+            ray.init(address=address, **options)
+        except ConnectionError as e:  # something answers there, but not a Ray cluster
+            raise ConfigError(f"{e}: is a Ray head node (`ray start --head`) running at {address}? "
+                              f"Fix --address / RAY_ADDRESS, or drop it to run on an embedded local Ray") from None
     else:
         # "local" and not None: None would attach to a cluster someone `ray start`ed here.
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **options)

@@ -212,9 +212,14 @@ def optuna_storage(spec: str | None):
         return None
     import optuna
     if "://" in spec:
-        if spec.startswith("sqlite:///") and not spec.startswith("sqlite:////"):
-            spec = "sqlite:///" + str(Path(spec[len("sqlite:///"):]).expanduser().resolve())
-        return optuna.storages.RDBStorage(spec)
+        if spec.startswith("sqlite:///"):  # relative to where the command runs; the folder may not exist yet
+            db = Path(spec[len("sqlite:///"):]).expanduser().resolve()
+            db.parent.mkdir(parents=True, exist_ok=True)
+            spec = f"sqlite:///{db}"
+        try:
+            return optuna.storages.RDBStorage(spec)
+        except Exception as e:  # SQLAlchemy's errors: bad URL, missing driver, unreachable server
+            raise ConfigError(f"--optuna-storage {spec}: {e}") from None
     from optuna.storages.journal import JournalFileBackend
     path = Path(spec.removeprefix("journal:")).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,13 +2,18 @@
 
 Every sample of class y shares its augmentation terms, so they are computed once per class
 present in the batch, as (U, C) tables, and gathered per sample. The variance term needs
-Δwᵀ Σ_y Δw for all C classes j: chunks of K classes build K×C×D products, never the N×D×D
-covariances per sample or N×C×D×D products that ISDA's released code materialises.
+Δwᵀ Σ_y Δw for all C classes j, by the covariance's form:
+  full (C,D,D)  chunks of K classes build K×C×D products, never the N×D×D covariances per
+                sample or N×C×D×D products that ISDA's released code materialises;
+  diag (C,D)    three (U,D)×(D,C) products of the expanded square, no Δw at all;
+  LowRank       ‖Δwᵀ U_y‖² as W U_y − w_yᵀ U_y (C×R per class, chunked), plus the diag part.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .stats import LowRank
 
 CHUNK_ELEMENTS = 2 ** 24  # 64 MiB of fp32: the most one chunk's temporaries may hold
 
@@ -27,7 +32,8 @@ def augmented_logits(logits: torch.Tensor, labels: torch.Tensor, weight: torch.T
     """Z (N,C) of eq. 11: Z_j = logit_j + α Δw_jᵀ μʳ_y + ½ β Δw_jᵀ cov_y Δw_j, Δw_j = w_j − w_y.
 
     weight: the classifier matrix W (C,D); gradients flow to it (through Δw) and to logits.
-    cov: the covariance to use per class, (C,D,D), or variances (C,D) for a diagonal one.
+    cov: the covariance to use per class: (C,D,D), variances (C,D) for a diagonal one, or a
+    LowRank (U Uᵀ + diag per class, risda.stats).
     mu_r: the mean shift per class (C,D), or None for none. cov and mu_r are constants.
     classes: if given (sorted), row r of cov and mu_r belongs to class classes[r] (it must
     hold every label), so a caller can pass only the classes in the batch.
@@ -40,11 +46,34 @@ def augmented_logits(logits: torch.Tensor, labels: torch.Tensor, weight: torch.T
         w = weight.to(dtype)
         table = torch.zeros(len(present), w.shape[0], dtype=dtype, device=w.device)
         if beta != 0:
-            step = max(1, chunk_elements // (w.numel() + cov[0].numel()))
-            table = table + 0.5 * beta * QuadraticForm.apply(w, cov.detach().to(dtype), present, rows, step)
+            table = table + 0.5 * beta * variance_table(w, cov, present, rows, chunk_elements)
         if alpha != 0 and mu_r is not None:
             table = table + alpha * mean_shift_table(w, mu_r.detach()[rows].to(dtype), present)
         return logits.to(dtype) + table[inverse]
+
+
+def variance_table(weight, cov, classes, rows, chunk_elements=CHUNK_ELEMENTS):
+    """Q[u, j] = (w_j − w_c)ᵀ Σ_c (w_j − w_c) for c = classes[u], Σ_c = cov[rows[u]], any form:
+    the (U,C) variance term of eq. 11. cov is a constant."""
+    if isinstance(cov, LowRank):
+        cov = cov.map(lambda t: t.detach().to(weight.dtype))
+        C, R = weight.shape[0], cov.factor.shape[-1]
+        step = max(1, chunk_elements // (2 * C * R + weight.shape[1] * R))
+        low_rank = LowRankQuadraticForm.apply(weight, cov.factor, classes, rows, step)
+        return low_rank + diagonal_quadratic_form(weight, cov.diag[rows], classes)
+    cov = cov.detach().to(weight.dtype)
+    if cov.dim() == 2:
+        return diagonal_quadratic_form(weight, cov[rows], classes)
+    step = max(1, chunk_elements // (weight.numel() + cov[0].numel()))
+    return QuadraticForm.apply(weight, cov, classes, rows, step)
+
+
+def diagonal_quadratic_form(weight: torch.Tensor, var: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Q[u, j] = Σ_d var[u,d] (w_jd − w_cd)², c = classes[u]: eq. 11's variance term for a
+    diagonal Σ, expanded into var·w_j² − 2 (var⊙w_c)·w_j + var·w_c², so that it is three
+    (U,D)×(D,C) products and autograd keeps only (U,D) and (C,D) tensors."""
+    anchor = weight[classes]
+    return var @ weight.square().T - 2 * (var * anchor) @ weight.T + (var * anchor.square()).sum(1, keepdim=True)
 
 
 def mean_shift_table(weight: torch.Tensor, mu: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -53,8 +82,8 @@ def mean_shift_table(weight: torch.Tensor, mu: torch.Tensor, classes: torch.Tens
 
 
 class QuadraticForm(torch.autograd.Function):
-    """Q[u, j] = (w_j − w_c)ᵀ Σ_c (w_j − w_c) for c = classes[u], Σ_c = cov[rows[u]]: the (U,C)
-    variance term of eq. 11. The backward pass recomputes each chunk's Σ_c Δw instead of
+    """Q[u, j] = (w_j − w_c)ᵀ Σ_c (w_j − w_c) for c = classes[u], Σ_c = cov[rows[u]] (D,D): the
+    (U,C) variance term of eq. 11. The backward pass recomputes each chunk's Σ_c Δw instead of
     keeping it, so memory stays at one chunk however many classes the batch holds."""
 
     @staticmethod
@@ -86,9 +115,57 @@ def _chunks(weight, cov, classes, rows, step):
     """(first row, Δw (K,C,D), Σ_c Δw (K,C,D)) for chunks of K classes."""
     for lo in range(0, len(classes), step):
         delta = weight[None] - weight[classes[lo:lo + step]][:, None]
-        block = cov[rows[lo:lo + step]]
-        cov_delta = delta @ block if block.dim() == 3 else delta * block[:, None, :]
-        yield lo, delta, cov_delta
+        yield lo, delta, delta @ cov[rows[lo:lo + step]]
+
+
+class LowRankQuadraticForm(torch.autograd.Function):
+    """Q[u, j] = ‖(w_j − w_c)ᵀ U_c‖² for c = classes[u], U_c = factor[rows[u]] (D,R): the
+    low-rank part of eq. 11's variance term. Per chunk of K classes one (C,D)×(D,K·R) product
+    P = W [U_1 … U_K] minus each class's own row w_cᵀ U_c; Δw (K,C,D) is never formed. The
+    backward recomputes P, as QuadraticForm does its products."""
+
+    @staticmethod
+    def forward(ctx, weight, factor, classes, rows, step):
+        ctx.save_for_backward(weight, factor, classes, rows)
+        ctx.step = step
+        out = weight.new_empty(len(classes), weight.shape[0])
+        for lo, projected, _ in _projections(weight, factor, classes, rows, step):
+            out[lo:lo + projected.shape[1]] = projected.square().sum(-1).T
+        ctx.kept = projected if step >= len(classes) else None  # one chunk (small): keep, don't recompute
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, factor, classes, rows = ctx.saved_tensors
+        grad_weight = torch.zeros_like(weight)
+        with torch.autocast(weight.device.type, enabled=False):
+            if ctx.kept is not None:
+                chunks = [(0, ctx.kept, _side_by_side(factor[rows]))]
+            else:
+                chunks = _projections(weight, factor, classes, rows, ctx.step)
+            for lo, projected, stacked in chunks:
+                k = projected.shape[1]
+                g = 2 * grad[lo:lo + k].T[:, :, None] * projected   # ∂/∂P_uj = 2 g_uj P_uj, (C,K,R)
+                grad_weight += g.flatten(1) @ stacked.T              # through w_j: Σ_u g_u U_cᵀ
+                own = (g.sum(0)[:, None, :] @ factor[rows[lo:lo + k]].mT).squeeze(1)  # (K,D)
+                grad_weight.index_add_(0, classes[lo:lo + k], -own)  # through −w_c
+        ctx.kept = None
+        return grad_weight, None, None, None, None
+
+
+def _side_by_side(factors: torch.Tensor) -> torch.Tensor:
+    """(K,D,R) -> (D, K·R): the factors of K classes as one matrix, class by class."""
+    return factors.permute(1, 0, 2).flatten(1)
+
+
+def _projections(weight, factor, classes, rows, step):
+    """(first row, P (C,K,R) with P[j,u] = (w_j − w_c)ᵀ U_c, [U_1 … U_K] (D,K·R)) per chunk."""
+    C = weight.shape[0]
+    for lo in range(0, len(classes), step):
+        block = factor[rows[lo:lo + step]]                                    # (K,D,R)
+        stacked = _side_by_side(block)
+        own = (weight[classes[lo:lo + step]][:, None, :] @ block).squeeze(1)  # w_cᵀ U_c, (K,R)
+        yield lo, (weight @ stacked).view(C, len(block), -1) - own, stacked
 
 
 def augmented_cross_entropy(logits, labels, weight, cov, mu_r, alpha, beta, class_weights=None, classes=None):

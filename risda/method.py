@@ -7,6 +7,11 @@ stage-II batch then merges its features into the statistics (eq. 1-2), reasons a
 for the tail classes from the current Σ (eq. 4), and returns the (ρ-weighted) CE of the
 augmented logits (eq. 11-12), with α and β scaled by t/T. Head classes get plain ISDA.
 
+Scale: `covariance` full | diag | lowrank:K picks the form of Σ (risda.stats) that the
+statistics, eq. 4 and eq. 11 share; `graph_topk` keeps ε as a TopKGraph built from the
+(label, prediction) pairs (risda.graph). iNaturalist: lowrank:32 with a top-k graph is the
+whole method (prototype and covariance terms) in 2.2 GB of statistics, where full needs 137 GB.
+
 Reference variant: the authors' released CIFAR code, its seven departures listed in
 METHOD.md; each is marked "behaviour N" where it happens below.
 """
@@ -19,11 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError
-from .graph import (compound_tail_covariance, displacement_prototype, keep_top_k, knowledge_graph,
-                    reasoning_covariance, reasoning_prototype)
+from .graph import (TopKGraph, compound_tail_covariance, displacement_prototype, keep_top_k, knowledge_graph,
+                    reasoning_covariance, reasoning_prototype, scale_columns, topk_knowledge_graph)
 from .loss import augmented_logits, class_balanced_weights
 from .objectives import Objective
-from .stats import ClassStatistics, class_means
+from .stats import ClassStatistics, add_covariance, class_means, parse_covariance, scale_covariance
 
 
 @dataclass(frozen=True)
@@ -61,18 +66,22 @@ class RISDAObjective(Objective):
         cfg = self.cfg
         if cfg.arm not in ARMS:
             raise ConfigError(f"RISDAObjective has no arm {cfg.arm!r}: choose one of {', '.join(ARMS)}")
-        if cfg.covariance not in ("full", "diag"):
-            raise ConfigError(f"--covariance {cfg.covariance} is not implemented by the RISDA arms: use full or diag")
         self.arm = ARMS[cfg.arm]
         self.reference = cfg.variant == "reference" and not self.arm.from_start  # ISDA is ISDA in both variants
+        self.low_rank = parse_covariance(cfg.covariance)[0] == "lowrank"
+        if self.low_rank and self.reference and self.arm.reason_cov:
+            raise ConfigError(f"--covariance {cfg.covariance} with --variant reference: the reference variant writes "
+                              "ε[tail] @ Σ back into the estimator every step, which a rank-K factor cannot hold "
+                              "without re-truncating it thousands of times; use --variant paper, or --covariance "
+                              "full or diag with the reference variant")
         # eq. 2 divides by N−1; ISDA's estimator, and the authors' code built on it, keep 1/N.
         self.unbiased = cfg.variant == "paper" and not self.arm.from_start
-        self.stats = ClassStatistics(self.num_classes, feature_dim, device, diagonal=cfg.covariance == "diag")
+        self.stats = ClassStatistics(self.num_classes, feature_dim, device, covariance=cfg.covariance)
         self.class_weights = class_balanced_weights(class_counts, cfg.cb_gamma).to(device) if self.arm.reweight else None
         head = head_classes(class_counts, cfg.head_count, cfg.head_min_count, by_index=self.reference)  # behaviour 4
         self.tail = (~head).to(device)
         self.ready = False       # stage-II state (graph, prototypes, statistics) in place
-        self.graph = None        # ε (C,C) that reasoning reads
+        self.graph = None        # ε that reasoning reads: (C,C), or a TopKGraph (paper variant with a top-k or low rank)
         self.prototypes = None   # μ_c (C,D), fixed through stage II
         self.mean_shift = None   # μʳ (C,D): eq. 5 for tail classes, 0 for head; δ for all (reference)
         # reference behaviour 5: ε and prototypes observed on the stage-I training batches
@@ -116,9 +125,24 @@ class RISDAObjective(Objective):
         """The one pass at the start of stage II: prototypes (eq. 1), ε (eq. 3), statistics."""
         features, logits, labels = (t.to(self.device) for t in extract())
         self.prototypes = class_means(features, labels, self.num_classes)
-        self.graph = self._sparsify(knowledge_graph(logits.argmax(1), labels, self.num_classes))
+        predictions = logits.argmax(1)
+        del logits
+        if self.cfg.graph_topk is not None:  # never C×C: what makes C = 8,142 cheap
+            self.graph = topk_knowledge_graph(predictions, labels, self.num_classes, self.cfg.graph_topk)
+        else:
+            self.graph = knowledge_graph(predictions, labels, self.num_classes)
+            if self.low_rank:  # the neighbours' factors are gathered per class: a lossless list form
+                self.graph = TopKGraph.from_dense(self.graph)
+                self._warn_if_wide(self.graph.k)
         self.stats.initialise(features, labels)
         self.mean_shift = reasoning_prototype(self.graph, self.prototypes) * self.tail[:, None]
+
+    def _warn_if_wide(self, neighbours):
+        rank, width = self.stats.rank, (neighbours + 1) * self.stats.rank
+        if width > self.feature_dim:
+            warnings.warn(f"--covariance lowrank:{rank} with a dense knowledge graph: a tail class borrows from up "
+                          f"to {neighbours} classes, so its reasoning covariance has {width} columns, more than "
+                          f"D = {self.feature_dim} (full would be cheaper); bound it with --graph-topk")
 
     def _logits(self, features, logits, labels, weight, alpha, beta):
         self.stats.update(features, labels)
@@ -127,9 +151,9 @@ class RISDAObjective(Objective):
         if self.arm.reason_cov:
             # eq. 4 from the current Σ, eq. 2's N/(N−1) folded into ε's columns; masked rather
             # than indexed to the tail, which would cost a host sync
-            scaled_graph = self.graph * self.stats.correction(self.unbiased)
-            is_tail = self.tail[classes].view(-1, *[1] * (cov.dim() - 1))
-            cov += reasoning_covariance(scaled_graph, self.stats.cov, classes) * is_tail
+            scaled_graph = scale_columns(self.graph, self.stats.correction(self.unbiased))
+            reasoned = reasoning_covariance(scaled_graph, self.stats.cov, classes)
+            cov = add_covariance(cov, scale_covariance(reasoned, self.tail[classes]))
         mu_r = self.mean_shift[classes] if self.arm.reason_mean else None
         return augmented_logits(logits, labels, weight, cov, mu_r, alpha, beta, classes=classes)
 
@@ -192,7 +216,8 @@ class RISDAObjective(Objective):
 
     # --- checkpoints ----------------------------------------------------------------------
     def state_dict(self):
-        return {"ready": self.ready, "stats": self.stats.state_dict(), "graph": self.graph,
+        graph = self.graph.state_dict() if isinstance(self.graph, TopKGraph) else self.graph
+        return {"ready": self.ready, "stats": self.stats.state_dict(), "graph": graph,
                 "prototypes": self.prototypes, "mean_shift": self.mean_shift,
                 "best_train_accuracy": self.best_train_accuracy, "best_graph": self.best_graph}
 
@@ -202,6 +227,8 @@ class RISDAObjective(Objective):
         to = lambda t: None if t is None else t.to(self.device)
         self.ready = bool(state["ready"])
         self.stats.load_state_dict({k: v.to(self.device) for k, v in state["stats"].items()})
-        self.graph, self.prototypes, self.mean_shift = to(state["graph"]), to(state["prototypes"]), to(state["mean_shift"])
+        graph = state["graph"]
+        self.graph = TopKGraph(**{k: v.to(self.device) for k, v in graph.items()}) if isinstance(graph, dict) else to(graph)
+        self.prototypes, self.mean_shift = to(state["prototypes"]), to(state["mean_shift"])
         self.best_train_accuracy = float(state["best_train_accuracy"])
         self.best_graph = to(state["best_graph"])

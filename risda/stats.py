@@ -8,29 +8,120 @@ covariance S with 1/m normalisation) and n seen so far, w = m / (m + n):
 
 so after any sequence of batches μ and Σ are exactly the mean and the biased (1/N)
 covariance of everything fed in. Always fp32, whatever the training precision.
+
+Three representations of Σ_c (`covariance=`, the config field of the same name):
+  full       (C,D,D)                                    C·D² floats
+  diag       the variances (C,D): Σ_c's diagonal only   C·D
+  lowrank:K  Σ_c ≈ U_c U_cᵀ + diag(d_c), U_c (D,K)      C·D·(K+1)
+The low-rank merge is exact before truncation: the merged Σ above is F Fᵀ + diag((1−w) d) with
+F = [√(1−w) U, √(w/m) X̃ᵀ, √(w(1−w)) (μ−m̄)] (X̃ the centred batch, rank K+m+1). F is cut back
+to its best rank-K part and the discarded part's diagonal moves into d, so diag(Σ) is always
+exact, and so is all of Σ for a class of at most K+1 samples (its rank is at most K).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 CHUNK_ELEMENTS = 2 ** 24  # 64 MiB of fp32: the most any temporary here may hold
 
 
-class ClassStatistics:
-    """Running per-class mean `mean` (C,D), biased covariance `cov` (C,D,D) — or the
-    variances (C,D) when `diagonal` — and sample `count` (C,) of detached features."""
+def parse_covariance(spec: str) -> tuple[str, int | None]:
+    """'full' | 'diag' | 'lowrank:K' -> (form, K)."""
+    if spec in ("full", "diag"):
+        return spec, None
+    if spec.startswith("lowrank:") and spec[8:].isdigit() and int(spec[8:]) > 0:
+        return "lowrank", int(spec[8:])
+    raise ValueError(f"unknown covariance {spec!r}: choose full, diag or lowrank:K with K > 0")
 
-    def __init__(self, num_classes: int, dim: int, device=None, diagonal: bool = False,
+
+@dataclass
+class LowRank:
+    """A stack of covariances Σ_c = U_c U_cᵀ + diag(d_c): factor U (C,D,R), diag d (C,D).
+    Indexing selects classes, as it does on a (C,D,D) tensor; nothing here forms a D×D matrix
+    except `dense()`, which tests use."""
+    factor: torch.Tensor
+    diag: torch.Tensor
+
+    def __len__(self):
+        return self.diag.shape[0]
+
+    def __getitem__(self, idx) -> "LowRank":
+        return LowRank(self.factor[idx], self.diag[idx])
+
+    def __setitem__(self, idx, value: "LowRank") -> None:
+        self.factor[idx], self.diag[idx] = value.factor, value.diag
+
+    def map(self, fn) -> "LowRank":
+        """The same covariances with `fn` applied to both tensors (detach, .to(dtype), ...)."""
+        return LowRank(fn(self.factor), fn(self.diag))
+
+    def dense(self) -> torch.Tensor:
+        return self.factor @ self.factor.mT + torch.diag_embed(self.diag)
+
+
+def scale_covariance(cov, scale: torch.Tensor):
+    """scale[c] · Σ_c for a (C,D,D) or (C,D) tensor or a LowRank; scale (C,) ≥ 0."""
+    if isinstance(cov, LowRank):
+        s = scale.to(cov.diag.dtype)
+        return LowRank(cov.factor * s.sqrt()[:, None, None], cov.diag * s[:, None])
+    return cov * scale.to(cov.dtype).view(-1, *[1] * (cov.dim() - 1))
+
+
+def add_covariance(a, b):
+    """Σ_a + Σ_b in their common form; two LowRanks concatenate their factors."""
+    if isinstance(a, LowRank):
+        return LowRank(torch.cat([a.factor, b.factor], -1), a.diag + b.diag)
+    return a + b
+
+
+def truncate_rank(factor: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U (…,D,rank), r (…,D)) with F Fᵀ = U Uᵀ + E, U the best rank-`rank` part and r = diag(E),
+    for F (…,D,W). Through the W×W Gram matrix, never D×D: F V (V its eigenvectors) has the
+    same outer product as F, its columns ordered by energy."""
+    width = factor.shape[-1]
+    if width <= rank:
+        pad = factor.new_zeros(*factor.shape[:-1], rank - width)
+        return torch.cat([factor, pad], -1), factor.new_zeros(factor.shape[:-1])
+    _, vectors = torch.linalg.eigh((factor.mT @ factor).double())  # fp64: a small W×W problem
+    rotated = factor @ vectors.flip(-1).to(factor.dtype)  # decreasing energy
+    return rotated[..., :rank].contiguous(), rotated[..., rank:].square().sum(-1)
+
+
+class ClassStatistics:
+    """Running per-class mean `mean` (C,D), biased covariance `cov` — a (C,D,D) tensor, the
+    variances (C,D), or a LowRank (module docstring) — and sample `count` (C,) of detached
+    features."""
+
+    def __init__(self, num_classes: int, dim: int, device=None, covariance: str = "full",
                  chunk_elements: int = CHUNK_ELEMENTS):
-        self.num_classes, self.dim, self.diagonal = num_classes, dim, diagonal
+        self.num_classes, self.dim = num_classes, dim
+        self.form, self.rank = parse_covariance(covariance)
         self.chunk_elements = chunk_elements
-        cov_shape = (num_classes, dim) if diagonal else (num_classes, dim, dim)
-        self.mean = torch.zeros(num_classes, dim, device=device)
-        self.cov = torch.zeros(cov_shape, device=device)  # normalised by N (biased)
+        zeros = lambda *shape: torch.zeros(num_classes, *shape, device=device)
+        if self.form == "lowrank":
+            self.cov = LowRank(zeros(dim, self.rank), zeros(dim))  # normalised by N (biased)
+        else:
+            self.cov = zeros(dim, dim) if self.form == "full" else zeros(dim)
+        self.mean = zeros(dim)
         self.count = torch.zeros(num_classes, dtype=torch.long, device=device)
 
+    @property
+    def diagonal(self) -> bool:
+        return self.form == "diag"
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every stored tensor by name: the checkpoint, and what the statistics cost in memory."""
+        cov = {"cov_factor": self.cov.factor, "cov_diag": self.cov.diag} if self.form == "lowrank" else {"cov": self.cov}
+        return {"mean": self.mean, **cov, "count": self.count}
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors().values())
+
     def reset(self) -> None:
-        self.mean.zero_(), self.cov.zero_(), self.count.zero_()
+        for t in self.tensors().values():
+            t.zero_()
 
     def initialise(self, features: torch.Tensor, labels: torch.Tensor) -> "ClassStatistics":
         """Start from one full pass over the training set (e.g. the trainer's extract())."""
@@ -48,11 +139,13 @@ class ClassStatistics:
             centered = x - batch_mean[inverse]
             w = (m / (m + self.count[classes])).float()
             shift = self.mean[classes] - batch_mean
-            if self.diagonal:
+            if self.form == "diag":
                 batch_var = torch.zeros_like(batch_mean).index_add_(0, inverse, centered ** 2) / m[:, None]
                 self.cov[classes] = _merge(self.cov[classes], batch_var, shift ** 2, w[:, None])
-            else:
+            elif self.form == "full":
                 self._merge_full(classes, inverse, m, centered, shift, w)
+            else:
+                self._merge_lowrank(classes, inverse, m, centered, shift, w)
             self.mean[classes] = (1 - w[:, None]) * self.mean[classes] + w[:, None] * batch_mean
             self.count[classes] += m
 
@@ -79,6 +172,47 @@ class ClassStatistics:
             c = classes[lo:hi]
             self.cov[c] = _merge(self.cov[c], batch_cov, s[:, :, None] * s[:, None, :], w[lo:hi, None, None])
 
+    def _merge_lowrank(self, classes, inverse, m, centered, shift, w) -> None:
+        """The merge of the module docstring, for chunks of classes. Classes are taken in order
+        of their batch count so that a chunk pads its classes' samples to similar widths."""
+        by_size = torch.argsort(m)
+        position = torch.empty_like(by_size)
+        position[by_size] = torch.arange(len(by_size), device=m.device)
+        sample_position = position[inverse]              # each sample's class, in size order
+        order = torch.argsort(sample_position, stable=True)
+        sizes = m[by_size].tolist()
+        starts = [0]
+        for n in sizes:
+            starts.append(starts[-1] + n)
+        # slot[i]: where sample order[i] sits among its class's samples
+        slot = torch.arange(len(order), device=m.device) - torch.tensor(starts[:-1], device=m.device)[sample_position[order]]
+        for lo, hi in self._size_chunks(sizes):
+            rows = order[starts[lo]:starts[hi]]
+            samples = centered.new_zeros(hi - lo, sizes[hi - 1], self.dim)
+            samples[sample_position[rows] - lo, slot[starts[lo]:starts[hi]]] = centered[rows]
+            idx = by_size[lo:hi]
+            c, wc, mc = classes[idx], w[idx][:, None, None], m[idx][:, None, None]
+            old = self.cov[c]
+            merged = torch.cat([(1 - wc).sqrt() * old.factor,
+                                (wc / mc).sqrt() * samples.mT,
+                                (wc * (1 - wc)).sqrt() * shift[idx][:, :, None]], -1)  # (k, D, K+m+1)
+            factor, dropped = truncate_rank(merged, self.rank)
+            self.cov[c] = LowRank(factor, (1 - wc[:, :, 0]) * old.diag + dropped)
+
+    def _size_chunks(self, sizes):
+        """(lo, hi) runs of the ascending `sizes` whose merge factors and Gram matrices together
+        stay within chunk_elements (a class alone may exceed it)."""
+        lo = 0
+        while lo < len(sizes):
+            hi = lo + 1
+            while hi < len(sizes):
+                width = self.rank + sizes[hi] + 1
+                if (hi + 1 - lo) * width * (self.dim + width) > self.chunk_elements:
+                    break
+                hi += 1
+            yield lo, hi
+            lo = hi
+
     def correction(self, unbiased: bool) -> torch.Tensor:
         """(C,) factor from the stored 1/N covariance to the returned one: N/(N−1) for the
         paper's eq. 2 (0 for a class with N ≤ 1, whose covariance is undefined), else 1."""
@@ -87,19 +221,21 @@ class ClassStatistics:
             return torch.ones_like(n)
         return torch.where(n > 1, n / (n - 1).clamp(min=1), torch.zeros_like(n))
 
-    def covariance(self, unbiased: bool, classes: torch.Tensor | None = None) -> torch.Tensor:
-        """Σ_c (eq. 2 when unbiased: 1/(N_c−1)), of every class or only of `classes`."""
+    def covariance(self, unbiased: bool, classes: torch.Tensor | None = None):
+        """Σ_c (eq. 2 when unbiased: 1/(N_c−1)), of every class or only of `classes`, in the
+        stored form."""
         cov = self.cov if classes is None else self.cov[classes]
         if not unbiased:
             return cov
         scale = self.correction(True) if classes is None else self.correction(True)[classes]
-        return cov * scale.view(-1, *[1] * (cov.dim() - 1))
+        return scale_covariance(cov, scale)
 
     def state_dict(self) -> dict:
-        return {"mean": self.mean, "cov": self.cov, "count": self.count}
+        return dict(self.tensors())
 
     def load_state_dict(self, state: dict) -> None:
-        self.mean.copy_(state["mean"]), self.cov.copy_(state["cov"]), self.count.copy_(state["count"])
+        for name, t in self.tensors().items():
+            t.copy_(state[name])
 
 
 def _merge(cov, batch_cov, shift_outer, w):

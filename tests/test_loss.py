@@ -5,6 +5,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from risda.loss import augmented_cross_entropy, augmented_logits, class_balanced_weights
+from test_graph import covariance_forms
+
+FORMS = ["full", "diag", "lowrank"]
 
 
 def problem(C=5, D=4, N=9, seed=0, dtype=torch.float64):
@@ -30,20 +33,20 @@ def direct(logits, labels, weight, cov, mu_r, alpha, beta):
     return z
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("chunk_elements", [2 ** 24, 1])
-def test_matches_a_direct_per_sample_computation(chunk_elements):
-    weight, bias, features, labels, cov, mu_r = problem()
+def test_matches_a_direct_per_sample_computation(form, chunk_elements):
+    weight, bias, features, labels, full, mu_r = problem()
+    cov, dense = covariance_forms(full)[form]
     logits = features @ weight.T + bias
     z = augmented_logits(logits, labels, weight, cov, mu_r, 0.7, 1.3, chunk_elements=chunk_elements)
-    np.testing.assert_allclose(z.numpy(), direct(logits, labels, weight, cov, mu_r, 0.7, 1.3), rtol=1e-12, atol=1e-12)
-    # diagonal covariance given as variances (C,D)
-    var = cov.diagonal(dim1=1, dim2=2)
-    z = augmented_logits(logits, labels, weight, var, mu_r, 0.7, 1.3, chunk_elements=chunk_elements)
-    np.testing.assert_allclose(z.numpy(), direct(logits, labels, weight, torch.diag_embed(var), mu_r, 0.7, 1.3), rtol=1e-12)
+    np.testing.assert_allclose(z.numpy(), direct(logits, labels, weight, dense, mu_r, 0.7, 1.3), rtol=1e-12, atol=1e-12)
 
 
-def test_rows_for_the_batch_classes_only():
-    weight, bias, features, labels, cov, mu_r = problem()
+@pytest.mark.parametrize("form", FORMS)
+def test_rows_for_the_batch_classes_only(form):
+    weight, bias, features, labels, full, mu_r = problem()
+    cov = covariance_forms(full)[form][0]
     logits = features @ weight.T + bias
     classes = labels.unique()
     full = augmented_logits(logits, labels, weight, cov, mu_r, 0.3, 0.9)
@@ -60,10 +63,13 @@ def test_zero_strength_is_plain_cross_entropy():
     torch.testing.assert_close(loss, F.cross_entropy(logits, labels))
 
 
-def test_closed_form_matches_monte_carlo():
+@pytest.mark.parametrize("form", FORMS)
+def test_closed_form_matches_monte_carlo(form):
     """log Σ_j E[exp(Z̃_j − Z̃_y)] over f̃ ~ N(f + αμʳ_y, β cov_y) is the closed form CE(Z), and the
-    sampled expected CE, E[−log softmax(W f̃ + b)_y], stays below it (Jensen, eq. 9)."""
-    weight, bias, features, labels, cov, mu_r = problem(C=4, D=3, N=4, seed=1)
+    sampled expected CE, E[−log softmax(W f̃ + b)_y], stays below it (Jensen, eq. 9): for each
+    form, with the Gaussian of that form's covariance."""
+    weight, bias, features, labels, full, mu_r = problem(C=4, D=3, N=4, seed=1)
+    cov, dense = covariance_forms(full)[form]
     weight = weight * 0.6  # keeps the variance of exp(·) small enough for 10⁵ samples
     alpha, beta, samples = 0.4, 0.8, 200_000
     logits = features @ weight.T + bias
@@ -71,7 +77,7 @@ def test_closed_form_matches_monte_carlo():
     bound = torch.logsumexp(z, 1) - z.gather(1, labels[:, None]).squeeze(1)
     g = torch.Generator().manual_seed(2)
     for i, y in enumerate(labels.tolist()):
-        chol = torch.linalg.cholesky(beta * cov[y])
+        chol = torch.linalg.cholesky(beta * dense[y])
         f = features[i] + alpha * mu_r[y] + torch.randn(samples, 3, generator=g, dtype=torch.float64) @ chol.T
         zf = f @ weight.T + bias
         expected_exp = torch.exp(zf - zf[:, y:y + 1]).mean(0)  # E[exp(Z̃_j − Z̃_y)] per j
@@ -100,29 +106,34 @@ def test_gradients_reach_the_classifier_and_the_backbone():
     assert cov_param.grad is None and mu_param.grad is None  # constants, as in ISDA
 
 
-def test_gradient_of_the_variance_term_is_the_direct_one():
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("chunk_elements", [2 ** 24, 1])  # kept for backward; recomputed per class
+def test_gradient_of_the_variance_term_is_the_direct_one(form, chunk_elements):
     """The hand-written backward (it recomputes per chunk) against autograd of the direct formula."""
-    weight, _, _, labels, cov, mu_r = problem(C=6, D=3, N=12, seed=3)
+    weight, _, _, labels, full, mu_r = problem(C=6, D=3, N=12, seed=3)
+    cov, dense = covariance_forms(full)[form]
     logits = torch.randn(12, 6, dtype=torch.float64)
     upstream = torch.randn(12, 6, dtype=torch.float64)
     w1 = weight.clone().requires_grad_()
-    (augmented_logits(logits, labels, w1, cov, mu_r, 0.5, 1.1, chunk_elements=1) * upstream).sum().backward()
+    (augmented_logits(logits, labels, w1, cov, mu_r, 0.5, 1.1, chunk_elements=chunk_elements) * upstream).sum().backward()
     w2 = weight.clone().requires_grad_()
     dw = w2[None] - w2[labels][:, None]                              # (N,C,D)
-    quad = torch.einsum("ncd,nde,nce->nc", dw, cov[labels], dw)
+    quad = torch.einsum("ncd,nde,nce->nc", dw, dense[labels], dw)
     mean = torch.einsum("ncd,nd->nc", dw, mu_r[labels])
     ((logits + 0.5 * mean + 0.5 * 1.1 * quad) * upstream).sum().backward()
     torch.testing.assert_close(w1.grad, w2.grad)
 
 
-def test_fp32_under_bf16_autocast():
-    weight, bias, features, labels, cov, mu_r = problem(dtype=torch.float32)
+@pytest.mark.parametrize("form", FORMS)
+def test_fp32_under_bf16_autocast(form):
+    weight, bias, features, labels, full, mu_r = problem(dtype=torch.float32)
+    cov, dense = covariance_forms(full)[form]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = F.linear(features, weight, bias)
         assert logits.dtype == torch.bfloat16
         z = augmented_logits(logits, labels, weight, cov, mu_r, 0.5, 0.5)
     assert z.dtype == torch.float32
-    expected = direct(logits.float(), labels, weight, cov, mu_r, 0.5, 0.5)
+    expected = direct(logits.float(), labels, weight, dense, mu_r, 0.5, 0.5)
     np.testing.assert_allclose(z.detach().numpy(), expected, rtol=1e-5, atol=1e-4)
 
 

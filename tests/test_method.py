@@ -79,6 +79,15 @@ def np_graph(pred, labels):
     return eps
 
 
+def np_keep_top_k(eps, k):
+    """Each row's k largest off-diagonal entries (ties to the lower index) and its diagonal."""
+    kept = np.diag(np.diag(eps))
+    for c in range(C):
+        strongest = sorted((j for j in range(C) if j != c), key=lambda j: (-eps[c, j], j))[:k]
+        kept[c, strongest] = eps[c, strongest]
+    return kept
+
+
 def np_cb_weights(gamma=0.9999):
     raw = np.array([(1 - gamma) / (1 - gamma ** n) for n in COUNTS])
     return raw / raw.sum() * C
@@ -138,12 +147,14 @@ ARM_TERMS = {  # arm: (reweight, reasoning covariance, reasoning mean)
 }
 
 
+@pytest.mark.filterwarnings("ignore:--covariance lowrank")  # D = 4 is narrower than any factor here
 @pytest.mark.parametrize("arm", list(ARM_TERMS))
-@pytest.mark.parametrize("covariance", ["full", "diag"])
-def test_paper_arms_match_the_equations(arm, covariance):
+@pytest.mark.parametrize("covariance", ["full", "diag", f"lowrank:{D}"])  # rank D: exact, so numpy's Σ
+@pytest.mark.parametrize("graph_topk", [None, 2])
+def test_paper_arms_match_the_equations(arm, covariance, graph_topk):
     reweight, reason_cov, reason_mean = ARM_TERMS[arm]
     model, (x, labels) = Tiny(), dataset()
-    obj = objective(arm=arm, covariance=covariance)
+    obj = objective(arm=arm, covariance=covariance, graph_topk=graph_topk)
     epoch = STAGE1 + 1
     obj.begin_epoch(STAGE1, model, extractor(model, x, labels))
     xb, yb = batches(x, labels, epoch)[0]
@@ -159,6 +170,8 @@ def test_paper_arms_match_the_equations(arm, covariance):
     if covariance == "diag":
         sigma = np.stack([np.diag(np.diag(s)) for s in sigma])
     eps = np_graph(za.argmax(1), y_all)
+    if graph_topk is not None:
+        eps = np_keep_top_k(eps, graph_topk)
     mu = np.stack([fa[y_all == c].mean(0) for c in range(C)])
     tail = [c for c in range(C) if c >= 2]  # COUNTS is sorted: the 2 largest are head
     cov, mu_r = sigma.copy(), np.zeros((C, D))
@@ -220,9 +233,44 @@ def test_gradients_reach_classifier_and_backbone_in_stage2():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
-def test_lowrank_is_refused():
-    with pytest.raises(ConfigError, match="lowrank"):
-        objective(covariance="lowrank:4")
+@pytest.mark.filterwarnings("ignore:--covariance lowrank", "ignore:reference variant. no stage-I")
+def test_lowrank_refused_only_where_the_reference_writes_covariances_back():
+    with pytest.raises(ConfigError, match="lowrank:4 with --variant reference.*use --variant paper"):
+        objective(covariance="lowrank:4", variant="reference")
+    for kw in ({}, {"arm": "isda", "variant": "reference"}, {"arm": "no_reasoning", "variant": "reference"}):
+        model, (x, labels) = Tiny(), dataset()
+        obj = objective(covariance="lowrank:2", **kw)
+        obj.begin_epoch(STAGE1, model, extractor(model, x, labels))
+        f, z = model(x)
+        assert torch.isfinite(obj.loss(f, z, labels, model, STAGE1 + 1))
+
+
+def test_lowrank_warns_when_a_dense_graph_makes_the_factor_wider_than_d():
+    model, (x, labels) = Tiny(), dataset()
+    obj = objective(covariance="lowrank:3")  # 3 columns per neighbour against D = 4
+    with pytest.warns(UserWarning, match="--graph-topk"):
+        obj.begin_epoch(STAGE1, model, extractor(model, x, labels))
+
+
+def test_lowrank_with_a_scale_preset_from_the_command_line():
+    """`--preset inat2018-r50 --covariance lowrank:16 --arm risda --graph-topk 3`, on a tiny model."""
+    import argparse
+    pytest.importorskip("risda.presets")
+    from risda.config import add_config_args, config_overrides
+    parser = argparse.ArgumentParser()
+    add_config_args(parser)
+    args = parser.parse_args(["--preset", "inat2018-r50", "--covariance", "lowrank:16", "--arm", "risda",
+                              "--alpha", "0.5", "--graph-topk", "3", "--device", "cpu"])
+    cfg = Config(**config_overrides(args)).validate().resolved()
+    assert (cfg.covariance, cfg.arm, cfg.dataset, cfg.head_min_count) == ("lowrank:16", "risda", "inat2018", 100)
+    model, (x, labels) = Tiny(), dataset()
+    obj = RISDAObjective(cfg, COUNTS, D, torch.device("cpu"))
+    obj.begin_epoch(cfg.stage1_epochs, model, extractor(model, x, labels))
+    assert obj.graph.indices.shape == (C, 3) and obj.stats.cov.factor.shape == (C, D, 16)
+    f, z = model(x)
+    loss = obj.loss(f, z, labels, model, cfg.stage1_epochs + 1)
+    loss.backward()
+    assert torch.isfinite(loss) and model.classifier.weight.grad.abs().sum() > 0
 
 
 def test_reference_variant():
@@ -299,7 +347,8 @@ def fresh(kw):
     return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), objective(**kw)
 
 
-@pytest.mark.parametrize("kw", [{}, {"variant": "reference"}, {"arm": "isda"}, {"covariance": "diag"}])
+@pytest.mark.parametrize("kw", [{}, {"variant": "reference"}, {"arm": "isda"}, {"covariance": "diag"},
+                                {"covariance": "lowrank:2", "graph_topk": 2}])
 @pytest.mark.parametrize("stop", [STAGE1 - 2, STAGE1 + 1])
 def test_resume_continues_exactly(kw, stop):
     x, labels = dataset()

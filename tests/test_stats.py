@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from risda.stats import ClassStatistics, class_means
+from risda.stats import ClassStatistics, LowRank, class_means, parse_covariance, truncate_rank
 
 C, D = 6, 5
 
@@ -42,11 +42,84 @@ def test_online_matches_numpy(chunk_elements):
 
 def test_diagonal_matches_full():
     _, _, _, batches = long_tail_batches(1)
-    full, diag = ClassStatistics(C, D), ClassStatistics(C, D, diagonal=True)
+    full, diag = ClassStatistics(C, D), ClassStatistics(C, D, covariance="diag")
     for x, y in batches:
         full.update(x, y), diag.update(x, y)
     for unbiased in (True, False):
         torch.testing.assert_close(diag.covariance(unbiased), full.covariance(unbiased).diagonal(dim1=1, dim2=2))
+
+
+def online(covariance, seed=0, chunk_elements=2 ** 24):
+    """Full and `covariance` statistics fed the same uneven batches."""
+    _, _, counts, batches = long_tail_batches(seed)
+    full, other = ClassStatistics(C, D), ClassStatistics(C, D, covariance=covariance, chunk_elements=chunk_elements)
+    for x, y in batches:
+        full.update(x, y), other.update(x, y)
+    return full, other, counts
+
+
+@pytest.mark.parametrize("chunk_elements", [2 ** 24, 200, 1])  # all classes at once; a few; one by one
+def test_lowrank_is_exact_for_classes_of_at_most_k_plus_1_samples(chunk_elements):
+    K = 2  # exact for the classes of 3, 0 and 1 samples; the diagonal exact for every class
+    features, labels, counts, batches = long_tail_batches()
+    full, low, _ = online(f"lowrank:{K}", chunk_elements=chunk_elements)
+    assert isinstance(low.cov, LowRank) and low.cov.factor.shape == (C, D, K)
+    assert low.count.tolist() == counts
+    torch.testing.assert_close(low.mean, full.mean)
+    for unbiased in (True, False):
+        dense = low.covariance(unbiased).dense()
+        torch.testing.assert_close(dense.diagonal(dim1=1, dim2=2), full.covariance(unbiased).diagonal(dim1=1, dim2=2),
+                                   atol=2e-5, rtol=1e-5)
+        for c, n in enumerate(counts):
+            if n <= K + 1:
+                x = features[labels == c].double().numpy()
+                expected = np.cov(x, rowvar=False, ddof=int(unbiased)).reshape(D, D) if n > 1 else np.zeros((D, D))
+                np.testing.assert_allclose(dense[c].numpy(), expected, atol=2e-5)
+            else:  # truncated: some of the spread is off the diagonal, so the two differ
+                assert not torch.allclose(dense[c], full.covariance(unbiased)[c], atol=1e-3)
+
+
+def test_lowrank_of_full_rank_equals_full():
+    """K ≥ D: nothing to truncate. (K = D−1 is exact only for classes of at most D samples:
+    D−1 directions cannot hold a full-rank D×D covariance.)"""
+    full, low, _ = online(f"lowrank:{D}", seed=3)
+    torch.testing.assert_close(low.cov.dense(), full.cov, atol=2e-5, rtol=1e-5)
+
+
+def test_truncate_rank_keeps_the_best_part_and_the_whole_diagonal():
+    g = torch.Generator().manual_seed(0)
+    factor = torch.randn(3, 7, 5, generator=g, dtype=torch.float64)
+    kept, dropped = truncate_rank(factor, 2)
+    outer = factor @ factor.mT
+    torch.testing.assert_close((kept @ kept.mT).diagonal(dim1=1, dim2=2) + dropped, outer.diagonal(dim1=1, dim2=2))
+    eigenvalues, vectors = torch.linalg.eigh(outer)
+    best = (vectors[..., -2:] * eigenvalues[:, None, -2:]) @ vectors[..., -2:].mT  # Eckart–Young
+    torch.testing.assert_close(kept @ kept.mT, best)
+    padded, none = truncate_rank(factor, 6)  # wider than the factor: kept whole, zero-padded
+    torch.testing.assert_close(padded[..., :5], factor)
+    assert (padded[..., 5] == 0).all() and (none == 0).all()
+
+
+def test_parse_covariance_and_memory():
+    assert parse_covariance("full") == ("full", None) and parse_covariance("lowrank:16") == ("lowrank", 16)
+    with pytest.raises(ValueError, match="lowrank:K"):
+        parse_covariance("lowrank:0")
+    mean_and_count = C * D * 4 + C * 8
+    assert ClassStatistics(C, D).nbytes() == mean_and_count + C * D * D * 4
+    assert ClassStatistics(C, D, covariance="diag").nbytes() == mean_and_count + C * D * 4
+    assert ClassStatistics(C, D, covariance="lowrank:3").nbytes() == mean_and_count + C * D * (3 + 1) * 4
+
+
+def test_lowrank_subset_and_state_dict():
+    _, low, counts = online("lowrank:2", seed=2)
+    classes = torch.tensor([0, 3, 5])
+    subset, whole = low.covariance(True, classes), low.covariance(True)
+    torch.testing.assert_close(subset.dense(), whole.dense()[classes])
+    restored = ClassStatistics(C, D, covariance="lowrank:2")
+    restored.load_state_dict({k: v.clone() for k, v in low.state_dict().items()})
+    assert set(low.state_dict()) == {"mean", "cov_factor", "cov_diag", "count"}
+    torch.testing.assert_close(restored.cov.dense(), low.cov.dense())
+    assert restored.count.tolist() == counts
 
 
 def test_initialise_subset_and_state_dict():

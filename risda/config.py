@@ -24,9 +24,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class Config:
+    preset: str | None = field(default=None, metadata={"help": "fill the paper's schedule for a dataset (risda.presets: imagenetlt-r50, inat2018-r50); flags given beside it win"})
     # --- data -------------------------------------------------------------------------
     dataset: str = field(default="cifar10lt", metadata={"help": f"one of {', '.join(DATASETS)}"})
-    data_root: str = field(default="data", metadata={"help": "torchvision CIFAR folder, or an ImageFolder tree <root>/train/<class>/*, <root>/test/<class>/*"})
+    data_root: str = field(default="data", metadata={"help": "torchvision CIFAR folder, or an ImageFolder tree <root>/train/<class>/*, <root>/test/<class>/*; for imagenetlt/inat2018 the folder of their list/JSON files (risda.data_disk)"})
     download: bool = field(default=False, metadata={"help": "download CIFAR with torchvision if it is missing (needs internet)"})
     imbalance: float = field(default=100.0, metadata={"help": "imbalance factor λ = n_max / n_min (1 keeps the tree as it is)"})
     n_max: int | None = field(default=None, metadata={"help": "images of the largest class (default: all a class has, 500/5000 on CIFAR)"})
@@ -88,6 +89,8 @@ class Config:
             c.lr_milestones = (int(0.8 * c.epochs), int(0.9 * c.epochs))
         if c.image_size is None:
             c.image_size = 224 if c.model == "resnet50" else 32
+        if c.head_min_count is None and c.dataset in ("imagenetlt", "inat2018"):
+            c.head_min_count = 100  # paper: classes with more than 100 images are head
         c.lr_milestones = tuple(int(m) for m in c.lr_milestones)
         return c
 
@@ -134,6 +137,10 @@ class Config:
         cov = self.covariance
         if not (cov in ("full", "diag") or (cov.startswith("lowrank:") and cov[8:].isdigit() and int(cov[8:]) > 0)):
             bad(f"unknown covariance {cov!r}: choose full, diag or lowrank:K with K > 0")
+        if self.preset is not None:
+            from .presets import PRESETS
+            if self.preset not in PRESETS:
+                bad(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
         if self.graph_topk is not None and self.graph_topk < 1:
             bad(f"--graph-topk must be >= 1, got {self.graph_topk}")
         return self
@@ -195,6 +202,10 @@ def add_config_args(parser: argparse.ArgumentParser, cls=Config, skip=()) -> Non
 
 
 def config_overrides(args: argparse.Namespace, cls=Config) -> dict:
-    """The config fields the user actually gave on the command line."""
+    """The config fields the user actually gave on the command line, on top of --preset's values."""
     names = {f.name for f in fields(cls)}
-    return {k: v for k, v in vars(args).items() if k in names}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    if given.get("preset") is not None:
+        from .presets import apply_preset
+        given = apply_preset(given)
+    return given

@@ -47,12 +47,19 @@ import copy
 import itertools
 import json
 import math
-import tomllib
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .config import ARMS, VARIANTS, Config, ConfigError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as a package
+    try:
+        import tomli as tomllib
+    except ModuleNotFoundError:
+        tomllib = None
 
 SPEC_DIR = Path(__file__).resolve().parents[1] / "ablations" / "specs"
 DEFAULT_SPEC = "table5"
@@ -165,6 +172,8 @@ def list_specs() -> list[str]:
 
 def load_spec(name_or_path: str | None = None) -> Spec:
     path = spec_path(name_or_path)
+    if tomllib is None:
+        raise ConfigError("reading a spec needs Python >= 3.11 (tomllib) or `pip install tomli` on 3.10")
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:

@@ -33,6 +33,7 @@ def plot_study(plan: dict, runs: pd.DataFrame, summary: pd.DataFrame, metric: st
         else:
             rows = [rk for rk in panel.row_keys if any((rk, c) in panel.cells for c in panel.cols)]
             width = 0.8 / max(1, len(rows))
+            not_ok = {}  # x -> statuses of the rows there that are not fully ok
             for i, rk in enumerate(rows):
                 stats = [panel.cells.get((rk, c)) for c in panel.cols]
                 mean = [_val(r, metric, "mean") for r in stats]
@@ -42,13 +43,16 @@ def plot_study(plan: dict, runs: pd.DataFrame, summary: pd.DataFrame, metric: st
                     pos = [x - 0.4 + width * (i + 0.5) for x in xs]
                     ax.bar(pos, [0 if math.isnan(m) else m for m in mean], width, yerr=std, label=label, capsize=2)
                 else:
-                    pos = xs
-                    ax.errorbar(pos, mean, yerr=std, marker="o", capsize=3, label=label)
-                for p, r in zip(pos, stats):
+                    ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=label)
+                for x, r in zip(xs, stats):
                     if r is not None and r["status"] != OK:
-                        ax.annotate(MARKS[r["status"]], (p, 0.02), xycoords=("data", "axes fraction"),
-                                    rotation=90, color="red", fontsize=7, ha="center", va="bottom")
+                        not_ok.setdefault(x, []).append(r["status"])
+            for x, statuses in not_ok.items():  # under the tick: "2 failed, 1 partial", in red
+                xlabels[x] += "\n" + ", ".join(f"{statuses.count(s)} {MARKS[s]}" for s in (FAILED, PARTIAL, NOT_RUN) if s in statuses)
             ax.set_xticks(xs, xlabels)
+            for x, tick in enumerate(ax.get_xticklabels()):
+                if x in not_ok:
+                    tick.set_color("red")
             ax.set_xlabel(axis_label(spec["cols"]))
             ax.set_ylabel(METRIC_LABELS.get(metric, metric))
             ax.grid(alpha=0.3)

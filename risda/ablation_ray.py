@@ -30,8 +30,9 @@ class CellValue:
     def __init__(self, field: str, axes: list[str], table: dict):
         self.field, self.axes, self.table = field, list(axes), table
 
-    def __call__(self, spec):
-        key = tuple(coerce(a, spec.config[a]) for a in self.axes)
+    def __call__(self, config):
+        config = config["config"] if "config" in config else config  # Ray's older {"config": ...} form
+        key = tuple(coerce(a, config[a]) for a in self.axes)
         try:
             return self.table[key]
         except KeyError:
@@ -107,10 +108,18 @@ def trials_from_grid(grid, axes) -> tuple[list[dict], "object"]:
     trials = []
     for row in trials_df.to_dict("records"):
         epochs = epochs_df[epochs_df.trial_id == row["trial_id"]] if len(epochs_df) else epochs_df
-        trials.append(dict(config=json.loads(row["config"]), status=row["status"], error=row["error"],
+        config = json.loads(row["config"]) or trial_params(row["path"])
+        trials.append(dict(config=config, status=row["status"], error=row["error"],
                            trial_id=row["trial_id"], path=row["path"],
                            result=summary_from_epochs(epochs, row)))
     return trials, epochs_df
+
+
+def trial_params(path: str) -> dict:
+    """A trial's config from its params.json. A ResultGrid from Tuner.restore has no config
+    for a trial that failed before its first report; its directory still has the params."""
+    text = raytune.read_text(f"{path}/params.json") if path else None
+    return json.loads(text) if text else {}
 
 
 def summary_from_epochs(epochs, row: dict) -> dict:

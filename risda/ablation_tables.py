@@ -241,16 +241,24 @@ def _escape(text: str) -> str:
     return escape(text)
 
 
-def failure_lines(runs: pd.DataFrame, limit: int = 20) -> list[str]:
-    """`cell: first line of the error` for every cell that is not ok."""
+def failure_lines(runs: pd.DataFrame, limit: int = 20, width: int = 150) -> list[str]:
+    """`status: cell: the error's last line, shortened` for every cell that is not ok (the
+    full message is in the error column of runs.parquet)."""
     bad = runs[runs.status != OK]
     lines = []
     for _, r in bad.head(limit).iterrows():
-        err = (r.error or "").strip().splitlines()
-        last = next((l for l in reversed(err) if l.strip()), "")  # a traceback's last line is the exception
-        lines.append(f"{r.status}: {r.cell}: {last[:500]}")
+        err = [l.strip() for l in (r.error or "").strip().splitlines() if l.strip()]
+        last = err[-1] if err else ""  # a traceback's last line is the exception
+        head, sep, rest = last.partition(": ")
+        if sep and "." in head and " " not in head:  # risda.trainer.DivergedError -> DivergedError
+            last = f"{head.rsplit('.', 1)[-1]}: {rest}"
+        prefix = f"{r.status}: {r.cell}: "
+        room = max(60, width - len(prefix))
+        lines.append(prefix + (last if len(last) <= room else last[:room - 1] + "…"))
     if len(bad) > limit:
-        lines.append(f"... and {len(bad) - limit} more (see the error column of runs.parquet)")
+        lines.append(f"... and {len(bad) - limit} more")
+    if len(bad):
+        lines.append("(full messages: the error column of runs.parquet)")
     return lines
 
 

@@ -230,6 +230,11 @@ def test_end_to_end_two_arms_two_imbalances(cifar10_root, tmp_path, ray_local, c
     assert png[:8] == PNG_MAGIC and len(png) > 5000
     assert (results / "table.md").read_text().count("|") > 10
 
+    # the same command again continues the finished experiment: nothing retrains
+    assert run.main(args) == 0
+    rerun = pd.read_parquet(results / "runs.parquet")
+    assert "continued the existing experiment" in capsys.readouterr().out
+    pd.testing.assert_series_equal(rerun.wall_time_s, runs.wall_time_s)
     # re-collating without training gives the same rows
     assert run.main(["--collate-only", "--storage", str(tmp_path / "ray"), "--results", str(tmp_path / "results"),
                      "--name", "e2e"]) == 0
@@ -259,3 +264,8 @@ def test_a_failing_cell_is_reported_as_failed(cifar10_root, tmp_path, ray_local,
     assert summary.loc[1000.0, "status"] == FAILED and summary.loc[1000.0, "n_failed"] == 1
     assert math.isnan(summary.loc[1000.0, "test_error_mean"])
     assert (results / "figure.png").read_bytes()[:8] == PNG_MAGIC
+    # re-collated from storage (the trial never reported, so Ray restores it without a config)
+    assert run.main(["--collate-only", "--storage", str(tmp_path / "ray"), "--results", str(tmp_path / "results"),
+                     "--name", "fails"]) == 1
+    again = pd.read_parquet(results / "runs.parquet")
+    assert again[again.imbalance == 1000].iloc[0].status == FAILED and "no image" in again[again.imbalance == 1000].iloc[0].error

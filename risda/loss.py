@@ -57,9 +57,9 @@ def variance_table(weight, cov, classes, rows, chunk_elements=CHUNK_ELEMENTS):
     the (U,C) variance term of eq. 11. cov is a constant."""
     if isinstance(cov, LowRank):
         cov = cov.map(lambda t: t.detach().to(weight.dtype))
-        C, R = weight.shape[0], cov.factor.shape[-1]
-        step = max(1, chunk_elements // (2 * C * R + weight.shape[1] * R))
-        low_rank = LowRankQuadraticForm.apply(weight, cov.factor, classes, rows, step)
+        order, plan = _width_plan(cov.factor, rows, weight.shape[0], chunk_elements)
+        low_rank = LowRankQuadraticForm.apply(weight, cov.factor, classes[order], rows[order], plan)
+        low_rank = torch.empty_like(low_rank).index_copy(0, order, low_rank)  # back to the order of classes
         return low_rank + diagonal_quadratic_form(weight, cov.diag[rows], classes)
     cov = cov.detach().to(weight.dtype)
     if cov.dim() == 2:
@@ -120,18 +120,19 @@ def _chunks(weight, cov, classes, rows, step):
 
 class LowRankQuadraticForm(torch.autograd.Function):
     """Q[u, j] = ‖(w_j − w_c)ᵀ U_c‖² for c = classes[u], U_c = factor[rows[u]] (D,R): the
-    low-rank part of eq. 11's variance term. Per chunk of K classes one (C,D)×(D,K·R) product
-    P = W [U_1 … U_K] minus each class's own row w_cᵀ U_c; Δw (K,C,D) is never formed. The
-    backward recomputes P, as QuadraticForm does its products."""
+    low-rank part of eq. 11's variance term. `plan` chunks the rows [(lo, hi, width)]: per chunk
+    one (C,D)×(D,K·width) product P = W [U_1 … U_K] minus each class's own row w_cᵀ U_c, over
+    the first `width` columns only (the rest are zero: _width_plan); Δw (K,C,D) is never
+    formed. The backward recomputes P, as QuadraticForm does its products."""
 
     @staticmethod
-    def forward(ctx, weight, factor, classes, rows, step):
+    def forward(ctx, weight, factor, classes, rows, plan):
         ctx.save_for_backward(weight, factor, classes, rows)
-        ctx.step = step
-        out = weight.new_empty(len(classes), weight.shape[0])
-        for lo, projected, _ in _projections(weight, factor, classes, rows, step):
-            out[lo:lo + projected.shape[1]] = projected.square().sum(-1).T
-        ctx.kept = projected if step >= len(classes) else None  # one chunk (small): keep, don't recompute
+        ctx.plan = plan
+        out = weight.new_zeros(len(classes), weight.shape[0])
+        for lo, hi, projected, _, _ in _projections(weight, factor, classes, rows, plan):
+            out[lo:hi] = projected.square().sum(-1).T
+        ctx.kept = (lo, hi, projected) if len(plan) == 1 else None  # one chunk (small): keep, don't recompute
         return out
 
     @staticmethod
@@ -140,17 +141,40 @@ class LowRankQuadraticForm(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight)
         with torch.autocast(weight.device.type, enabled=False):
             if ctx.kept is not None:
-                chunks = [(0, ctx.kept, _side_by_side(factor[rows]))]
+                lo, hi, projected = ctx.kept
+                block = factor[rows[lo:hi], :, :projected.shape[-1]]
+                chunks = [(lo, hi, projected, block, _side_by_side(block))]
             else:
-                chunks = _projections(weight, factor, classes, rows, ctx.step)
-            for lo, projected, stacked in chunks:
-                k = projected.shape[1]
-                g = 2 * grad[lo:lo + k].T[:, :, None] * projected   # ∂/∂P_uj = 2 g_uj P_uj, (C,K,R)
-                grad_weight += g.flatten(1) @ stacked.T              # through w_j: Σ_u g_u U_cᵀ
-                own = (g.sum(0)[:, None, :] @ factor[rows[lo:lo + k]].mT).squeeze(1)  # (K,D)
-                grad_weight.index_add_(0, classes[lo:lo + k], -own)  # through −w_c
+                chunks = _projections(weight, factor, classes, rows, ctx.plan)
+            for lo, hi, projected, block, stacked in chunks:
+                g = 2 * grad[lo:hi].T[:, :, None] * projected   # ∂/∂P_uj = 2 g_uj P_uj, (C,K,width)
+                grad_weight += g.flatten(1) @ stacked.T          # through w_j: Σ_u g_u U_cᵀ
+                own = (g.sum(0)[:, None, :] @ block.mT).squeeze(1)  # (K,D)
+                grad_weight.index_add_(0, classes[lo:hi], -own)  # through −w_c
         ctx.kept = None
         return grad_weight, None, None, None, None
+
+
+def _width_plan(factor, rows, num_classes, chunk_elements):
+    """(order, plan): the rows sorted by the width their factor uses (up to its last non-zero
+    column), and chunks of them [(lo, hi, width)] within chunk_elements. The columns a head
+    class's factor carries for reasoning it does not get, or a top-k row pads with, are zero:
+    leaving them out of the products is most of the work saved at ImageNet-LT scale."""
+    block = factor[rows]
+    R, D = block.shape[-1], block.shape[-2]
+    used = block.ne(0).any(-2) * torch.arange(1, R + 1, device=block.device)  # (U,R)
+    width = used.amax(-1) if R else torch.zeros(len(rows), dtype=torch.long, device=block.device)
+    order = torch.argsort(width)
+    widths = width[order].tolist()  # the one host sync
+    plan, lo = [], 0
+    while lo < len(widths):
+        hi = lo + 1
+        while hi < len(widths) and (hi + 1 - lo) * widths[hi] * (2 * num_classes + D) <= chunk_elements:
+            hi += 1
+        if widths[hi - 1] > 0:  # a zero factor adds nothing
+            plan.append((lo, hi, widths[hi - 1]))
+        lo = hi
+    return order, plan
 
 
 def _side_by_side(factors: torch.Tensor) -> torch.Tensor:
@@ -158,14 +182,15 @@ def _side_by_side(factors: torch.Tensor) -> torch.Tensor:
     return factors.permute(1, 0, 2).flatten(1)
 
 
-def _projections(weight, factor, classes, rows, step):
-    """(first row, P (C,K,R) with P[j,u] = (w_j − w_c)ᵀ U_c, [U_1 … U_K] (D,K·R)) per chunk."""
+def _projections(weight, factor, classes, rows, plan):
+    """(lo, hi, P (C,K,width) with P[j,u] = (w_j − w_c)ᵀ U_c, [U_lo … U_hi) (K,D,width), the same
+    side by side (D,K·width)) per chunk of the plan."""
     C = weight.shape[0]
-    for lo in range(0, len(classes), step):
-        block = factor[rows[lo:lo + step]]                                    # (K,D,R)
+    for lo, hi, width in plan:
+        block = factor[rows[lo:hi], :, :width]                           # (K,D,width)
         stacked = _side_by_side(block)
-        own = (weight[classes[lo:lo + step]][:, None, :] @ block).squeeze(1)  # w_cᵀ U_c, (K,R)
-        yield lo, (weight @ stacked).view(C, len(block), -1) - own, stacked
+        own = (weight[classes[lo:hi]][:, None, :] @ block).squeeze(1)  # w_cᵀ U_c, (K,width)
+        yield lo, hi, (weight @ stacked).view(C, hi - lo, width) - own, block, stacked
 
 
 def augmented_cross_entropy(logits, labels, weight, cov, mu_r, alpha, beta, class_weights=None, classes=None):

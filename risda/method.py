@@ -28,7 +28,7 @@ from .graph import (TopKGraph, compound_tail_covariance, displacement_prototype,
                     reasoning_covariance, reasoning_prototype, scale_columns, topk_knowledge_graph)
 from .loss import augmented_logits, class_balanced_weights
 from .objectives import Objective
-from .stats import ClassStatistics, add_covariance, class_means, parse_covariance, scale_covariance
+from .stats import ClassStatistics, add_covariance, class_means, parse_covariance, place_rows, scale_covariance
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,12 @@ class RISDAObjective(Objective):
             raise ConfigError(f"RISDAObjective has no arm {cfg.arm!r}: choose one of {', '.join(ARMS)}")
         self.arm = ARMS[cfg.arm]
         self.reference = cfg.variant == "reference" and not self.arm.from_start  # ISDA is ISDA in both variants
-        self.low_rank = parse_covariance(cfg.covariance)[0] == "lowrank"
+        form = parse_covariance(cfg.covariance)[0]
+        self.low_rank = form == "lowrank"
+        # Reasoning (eq. 4) for the tail rows present only costs a host sync to index them; masking
+        # instead costs reasoning for every class present. The low-rank merge syncs anyway, and
+        # with D×D per class at ResNet-50's D the gathers outweigh a sync by far.
+        self.index_tail = self.low_rank or (form == "full" and feature_dim >= 512)
         if self.low_rank and self.reference and self.arm.reason_cov:
             raise ConfigError(f"--covariance {cfg.covariance} with --variant reference: the reference variant writes "
                               "ε[tail] @ Σ back into the estimator every step, which a rank-K factor cannot hold "
@@ -122,11 +127,15 @@ class RISDAObjective(Objective):
 
     # --- paper ----------------------------------------------------------------------------
     def _prepare(self, extract):
-        """The one pass at the start of stage II: prototypes (eq. 1), ε (eq. 3), statistics."""
-        features, logits, labels = (t.to(self.device) for t in extract())
-        self.prototypes = class_means(features, labels, self.num_classes)
+        features, logits, labels = extract()
         predictions = logits.argmax(1)
-        del logits
+        del logits  # (N, C): the largest thing here at iNaturalist scale
+        self.prepare(*(t.to(self.device) for t in (features, predictions, labels)))
+
+    def prepare(self, features, predictions, labels):
+        """The stage-II state from one pass over the training set: prototypes (eq. 1), ε (eq. 3)
+        from the stage-I classifier's predictions, the starting statistics."""
+        self.prototypes = class_means(features, labels, self.num_classes)
         if self.cfg.graph_topk is not None:  # never C×C: what makes C = 8,142 cheap
             self.graph = topk_knowledge_graph(predictions, labels, self.num_classes, self.cfg.graph_topk)
         else:
@@ -136,6 +145,7 @@ class RISDAObjective(Objective):
                 self._warn_if_wide(self.graph.k)
         self.stats.initialise(features, labels)
         self.mean_shift = reasoning_prototype(self.graph, self.prototypes) * self.tail[:, None]
+        self.ready = True
 
     def _warn_if_wide(self, neighbours):
         rank, width = self.stats.rank, (neighbours + 1) * self.stats.rank
@@ -149,11 +159,15 @@ class RISDAObjective(Objective):
         classes = labels.unique()
         cov = self.stats.covariance(self.unbiased, classes)
         if self.arm.reason_cov:
-            # eq. 4 from the current Σ, eq. 2's N/(N−1) folded into ε's columns; masked rather
-            # than indexed to the tail, which would cost a host sync
+            # eq. 4 from the current Σ, eq. 2's N/(N−1) folded into ε's columns, tail classes only
             scaled_graph = scale_columns(self.graph, self.stats.correction(self.unbiased))
-            reasoned = reasoning_covariance(scaled_graph, self.stats.cov, classes)
-            cov = add_covariance(cov, scale_covariance(reasoned, self.tail[classes]))
+            if self.index_tail:
+                rows = self.tail[classes].nonzero().squeeze(1)
+                reasoned = reasoning_covariance(scaled_graph, self.stats.cov, classes[rows])
+                reasoned = place_rows(reasoned, rows, len(classes))
+            else:
+                reasoned = scale_covariance(reasoning_covariance(scaled_graph, self.stats.cov, classes), self.tail[classes])
+            cov = add_covariance(cov, reasoned)
         mu_r = self.mean_shift[classes] if self.arm.reason_mean else None
         return augmented_logits(logits, labels, weight, cov, mu_r, alpha, beta, classes=classes)
 

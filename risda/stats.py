@@ -76,6 +76,13 @@ def add_covariance(a, b):
     return a + b
 
 
+def place_rows(cov, rows: torch.Tensor, n: int):
+    """n covariances in cov's form: cov[i] at rows[i], zero elsewhere."""
+    if isinstance(cov, LowRank):
+        return LowRank(place_rows(cov.factor, rows, n), place_rows(cov.diag, rows, n))
+    return cov.new_zeros(n, *cov.shape[1:]).index_copy_(0, rows, cov)
+
+
 def truncate_rank(factor: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(U (…,D,rank), r (…,D)) with F Fᵀ = U Uᵀ + E, U the best rank-`rank` part and r = diag(E),
     for F (…,D,W). Through the W×W Gram matrix, never D×D: F V (V its eigenvectors) has the

@@ -5,9 +5,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from risda.loss import augmented_cross_entropy, augmented_logits, class_balanced_weights
-from test_graph import covariance_forms
+from risda.stats import LowRank
+from test_graph import covariance_forms as graph_covariance_forms
 
-FORMS = ["full", "diag", "lowrank"]
+FORMS = ["full", "diag", "lowrank", "lowrank-ragged"]
+
+
+def covariance_forms(full):
+    """test_graph's forms, and a LowRank whose factors use different widths (the zero columns of
+    a head class's reasoning or a short top-k row, a zero factor), which the loss skips."""
+    forms = graph_covariance_forms(full, rank=3)
+    factor = forms["lowrank"][0].factor.clone()
+    factor[1, :, 1:] = 0
+    factor[2] = 0
+    factor[3, :, 2] = 0
+    ragged = LowRank(factor, forms["lowrank"][0].diag)
+    return {**forms, "lowrank-ragged": (ragged, ragged.dense())}
 
 
 def problem(C=5, D=4, N=9, seed=0, dtype=torch.float64):
@@ -107,7 +120,7 @@ def test_gradients_reach_the_classifier_and_the_backbone():
 
 
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("chunk_elements", [2 ** 24, 1])  # kept for backward; recomputed per class
+@pytest.mark.parametrize("chunk_elements", [2 ** 24, 200, 1])  # kept for backward; a few classes a chunk; one
 def test_gradient_of_the_variance_term_is_the_direct_one(form, chunk_elements):
     """The hand-written backward (it recomputes per chunk) against autograd of the direct formula."""
     weight, _, _, labels, full, mu_r = problem(C=6, D=3, N=12, seed=3)

@@ -2,6 +2,7 @@
 
 The expected losses are recomputed here from the equations with numpy, independently of
 risda.stats / risda.graph / risda.loss."""
+import copy
 import io
 
 import numpy as np
@@ -184,6 +185,23 @@ def test_paper_arms_match_the_equations(arm, covariance, graph_topk):
     t = epoch / EPOCHS
     expected = np_loss(zb, yb_np, W, cov, mu_r, 0.8 * t, 1.2 * t, np_cb_weights() if reweight else None)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("covariance", ["full", "diag"])
+def test_tail_indexed_or_masked_is_the_same_loss(covariance):
+    """Eq. 4 for the tail rows only (a host sync: lowrank, or full at a large D) or for every row
+    present, then masked."""
+    model, (x, labels) = Tiny(), dataset()
+    obj = objective(covariance=covariance)
+    obj.begin_epoch(STAGE1, model, extractor(model, x, labels))
+    state = copy.deepcopy(obj.state_dict())
+    f, z = model(x)
+    losses = []
+    for index_tail in (False, True):
+        obj.load_state_dict(copy.deepcopy(state))  # the same statistics before each step's merge
+        obj.index_tail = index_tail
+        losses.append(obj.loss(f, z, labels, model, STAGE1 + 1))
+    torch.testing.assert_close(losses[0], losses[1])
 
 
 def test_no_strength_and_no_weights_is_ce():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from risda.stats import ClassStatistics, LowRank, class_means, parse_covariance, truncate_rank
+from risda.stats import ClassStatistics, LowRank, class_means, parse_covariance, place_rows, truncate_rank
 
 C, D = 6, 5
 
@@ -98,6 +98,16 @@ def test_truncate_rank_keeps_the_best_part_and_the_whole_diagonal():
     padded, none = truncate_rank(factor, 6)  # wider than the factor: kept whole, zero-padded
     torch.testing.assert_close(padded[..., :5], factor)
     assert (padded[..., 5] == 0).all() and (none == 0).all()
+
+
+def test_place_rows():
+    rows = torch.tensor([2, 0])
+    full = torch.randn(2, D, D)
+    placed = place_rows(full, rows, 4)
+    torch.testing.assert_close(placed[rows], full)
+    assert (placed[[1, 3]] == 0).all()
+    low = LowRank(torch.randn(2, D, 3), torch.rand(2, D))
+    torch.testing.assert_close(place_rows(low, rows, 4).dense(), place_rows(low.dense(), rows, 4))
 
 
 def test_parse_covariance_and_memory():

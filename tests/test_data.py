@@ -98,14 +98,15 @@ def test_real_cifar10_tree(cifar10_root):
 
 
 def test_generic_imagefolder_resizes_and_keeps_tree(tmp_path):
-    from torchvision.io import encode_png
+    from PIL import Image
+    rng = np.random.default_rng(0)
     for split, n in (("train", (6, 3)), ("test", (2, 2))):
         for c, k in enumerate(n):
             d = tmp_path / split / f"cls{c}"
             d.mkdir(parents=True)
             for i in range(k):
-                img = torch.randint(0, 255, (1 if i == 0 else 3, 20 + i, 28), dtype=torch.uint8)  # grey and RGB
-                (d / f"{i}.png").write_bytes(encode_png(img).numpy().tobytes())
+                mode, shape = ("L", (20 + i, 28)) if i == 0 else ("RGB", (20 + i, 28, 3))  # grey and RGB
+                Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(d / f"{i}.png")
     cfg = Config(dataset="imagefolder", data_root=str(tmp_path), imbalance=1, image_size=16,
                  cache_dir=str(tmp_path / "cache"), device="cpu")
     data = load_long_tail(cfg, torch.device("cpu"))

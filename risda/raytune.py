@@ -340,6 +340,7 @@ def collate(grid, metric: str = "val_error", params=()):
     import pandas as pd
     statuses = trial_statuses(grid)
     trials = pd.DataFrame([trial_row(r, statuses.get(trial_id_of(r)), metric, params) for r in grid])
+    trials = trials.sort_values("started_at", kind="stable", ignore_index=True)  # in the order they ran
     epochs = pd.DataFrame([row for r in grid for row in epoch_rows(r, params)])
     for df in (trials, epochs):  # an empty shot group is None: make those columns float, not object
         for c in [c for c in df.columns if c.endswith("_error")]:
@@ -358,13 +359,15 @@ def write_parquet(df, path: Path) -> Path:
 
 def best_trial(trials, metric: str = "val_error"):
     """The row with the lowest final `metric` among trials that ran all epochs (a trial ASHA
-    stopped early is not comparable); among all scored trials if none completed; None if none."""
+    stopped early is not comparable); among all scored trials if none completed; None if none.
+    Ties go to the lower best-epoch `metric`, then to the earlier trial (the enqueued paper
+    point, if any), so the answer does not depend on the order Ray lists trials in."""
     scored = trials[trials[f"final_{metric}"].notna()] if len(trials) else trials
     if not len(scored):
         return None
     done = scored[scored["completed"]]
     pool = done if len(done) else scored
-    return pool.loc[pool[f"final_{metric}"].idxmin()]
+    return pool.sort_values([f"final_{metric}", f"best_{metric}", "started_at"], kind="stable").iloc[0]
 
 
 # --- progress and summary ------------------------------------------------------------------------
@@ -426,6 +429,8 @@ def print_top(trials, metric: str = "val_error", params=(), n: int = 10, title: 
     from rich.console import Console
     from rich.table import Table
     console = Console()
+    if not console.is_terminal:  # a log file: don't squeeze the table into 80 columns
+        console.width = 150
     if not len(trials):
         console.print("no trials")
         return

@@ -110,6 +110,10 @@ def test_space_parsing_and_paper_point(tmp_path):
         with pytest.raises(search.ConfigError):
             search.parse_space(bad)
     assert search.paper_point(100, space) == {"alpha": 0.5, "beta": 0.75, "head_count": 20}
+    cifar10 = search.default_space(Config(dataset="cifar10lt"), 10)
+    assert cifar10["head_count"] == "1|2|3|4" and search.paper_point(100, cifar10, 10)["head_count"] == 2
+    assert search.default_space(Config(dataset="cifar100lt"), 100) == space
+    assert "head_count" not in search.default_space(Config(dataset="imagenetlt"), 1000)  # head by size there
     assert search.paper_point(200, {"alpha": "0.25:1.5"}) == {"alpha": 0.5}
     assert search.paper_point(37, space) is None
     assert search.paper_point(100, {"alpha": "0.6:1.5", "beta": "0.25:1.5"}) == {"beta": 0.75}
@@ -118,11 +122,11 @@ def test_space_parsing_and_paper_point(tmp_path):
 def test_flags_fix_what_the_space_searches_and_validation_is_mandatory(cifar10_root, capsys):
     args = search.parse_args(["--data-root", str(cifar10_root), "--head-count", "30"])
     given = search.config_overrides(args)
-    assert list(search.search_space(args, given)) == ["alpha", "beta"]
+    assert list(search.search_space(args, given, search.base_config(args), 10)) == ["alpha", "beta"]
     assert search.base_config(args).val_per_class == search.DEFAULT_VAL_PER_CLASS
     args = search.parse_args(["--head-count", "30", "--space", "head_count=10|20"])
     with pytest.raises(search.ConfigError, match="--head-count fixes"):
-        search.search_space(args, search.config_overrides(args))
+        search.search_space(args, search.config_overrides(args), search.base_config(args), 10)
     assert search.main(["--data-root", str(cifar10_root), "--val-per-class", "0"]) == 2
     assert "validation split is mandatory" in capsys.readouterr().err
 
@@ -136,7 +140,7 @@ def test_search_writes_outputs_with_a_failed_trial(cifar10_root, tmp_path, local
     assert len(trials) == 4 and trials["trial_id"].is_unique
     # the searched values lie in the space
     assert trials["alpha"].between(0.25, 1.5).all() and trials["beta"].between(0.25, 1.5).all()
-    assert set(trials["head_count"]) <= {10, 20, 30, 40}
+    assert set(trials["head_count"]) <= {1, 2, 3, 4}  # 10-40% of CIFAR-10's classes
     # the trial that raised is a row with its error; the others ran to the end
     failed = trials[trials["status"] == "ERROR"]
     assert len(failed) == 1 and "injected failure" in failed["error"].iloc[0]

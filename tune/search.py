@@ -42,10 +42,14 @@ from risda.checkpoint import RESUMABLE_CHANGES  # noqa: E402
 from risda.config import Config, ConfigError, add_config_args, config_overrides  # noqa: E402
 
 METRIC, MODE = "val_error", "min"
+# The paper's ranges on CIFAR-100-LT (Fig. 4, Fig. 5). head_count is a share of the classes:
+# 10-40 of 100 there, so 1-4 of CIFAR-10's 10 (10 or more would make every class head).
 DEFAULT_SPACE = "alpha=0.25:1.5, beta=0.25:1.5, head_count=10|20|30|40"
-# Paper Table 2 (CIFAR-100-LT): imbalance factor -> (α, β), with 20 head classes.
+HEAD_SHARES = (0.1, 0.2, 0.3, 0.4)
+PAPER_HEAD_SHARE = 0.2  # 20 head classes of 100
+# Paper Table 2 (CIFAR-100-LT): imbalance factor -> (α, β).
 PAPER_TABLE2 = {200: (0.5, 1.0), 100: (0.5, 0.75), 50: (0.75, 1.0), 20: (0.75, 0.75), 10: (0.5, 0.5)}
-PAPER_HEAD_COUNT = 20
+CLASSES = {"cifar10lt": 10, "cifar100lt": 100}  # when the driver cannot see the data
 DEFAULT_VAL_PER_CLASS = 20  # ImageNet-LT has its own validation list and keeps 0
 IDENTITY_FILE = "risda_search.json"  # beside Ray's experiment state: what the experiment is
 # Run flags a trial controls itself (its own out dir, no progress bar, Tune's checkpoints).
@@ -113,13 +117,28 @@ def in_space(dist, value) -> bool:
     return dist.low <= value <= dist.high
 
 
-def paper_point(imbalance: float, space: dict) -> dict | None:
-    """Table 2's (α, β, head_count 20) for this imbalance factor, restricted to the searched
-    names whose paper value lies in the space; None when Table 2 has no such λ."""
+def head_counts(num_classes: int, shares=HEAD_SHARES) -> list[int]:
+    return sorted({max(1, round(f * num_classes)) for f in shares})
+
+
+def default_space(cfg: Config, num_classes: int) -> dict[str, str]:
+    """α, β as in the paper; head_count as 10-40% of the classes, unless head classes are
+    chosen by size (--head-min-count; ImageNet-LT, iNaturalist), where it does nothing."""
+    space = parse_space(DEFAULT_SPACE)
+    if cfg.resolved().head_min_count is None:
+        space["head_count"] = "|".join(map(str, head_counts(num_classes)))
+    else:
+        del space["head_count"]
+    return space
+
+
+def paper_point(imbalance: float, space: dict, num_classes: int = 100) -> dict | None:
+    """Table 2's (α, β, 20% of the classes as head) for this imbalance factor, restricted to
+    the searched names whose paper value lies in the space; None when Table 2 has no such λ."""
     if imbalance not in PAPER_TABLE2:
         return None
     alpha, beta = PAPER_TABLE2[imbalance]
-    point = {"alpha": alpha, "beta": beta, "head_count": PAPER_HEAD_COUNT}
+    point = {"alpha": alpha, "beta": beta, "head_count": head_counts(num_classes, [PAPER_HEAD_SHARE])[0]}
     point = {k: v for k, v in point.items() if k in space and in_space(optuna_distribution(k, space[k]), v)}
     return point or None
 
@@ -132,7 +151,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     s = p.add_argument_group("search")
     s.add_argument("--num-samples", type=int, default=16, help="trials to run (default: 16)")
     s.add_argument("--space", default=None, help=f"what to search: 'name=lo:hi, name=lo:hi:log, name=a|b|c' or a file "
-                                                 f"with one entry a line (default: '{DEFAULT_SPACE}', minus the names fixed by run flags)")
+                                                 f"with one entry a line (default: '{DEFAULT_SPACE}' on CIFAR-100, "
+                                                 f"head_count 10-40%% of the classes elsewhere; minus the names fixed by run flags)")
     s.add_argument("--search-seed", type=int, default=0, help="seed of the TPE sampler (default: 0)")
     s.add_argument("--enqueue-paper", action=argparse.BooleanOptionalAction, default=True,
                    help="run the paper's Table 2 point for --imbalance as the first trial (default: on)")
@@ -171,10 +191,10 @@ def base_config(args) -> Config:
     return cfg
 
 
-def search_space(args, given: dict) -> dict[str, str]:
+def search_space(args, given: dict, cfg: Config, num_classes: int) -> dict[str, str]:
     """--space, or the default space minus the names a run flag fixed."""
     if args.space is None:
-        return {k: v for k, v in parse_space(DEFAULT_SPACE).items() if k not in given}
+        return {k: v for k, v in default_space(cfg, num_classes).items() if k not in given}
     space = parse_space(args.space)
     clash = sorted(set(space) & set(given))
     if clash:
@@ -191,7 +211,7 @@ def check_data(cfg: Config) -> dict:
     if data.val is None or len(data.val) == 0:
         raise ConfigError("the validation split is empty; a search needs one: pass --val-per-class N "
                           f"(e.g. {DEFAULT_VAL_PER_CLASS})")
-    return data.info
+    return {**data.info, "num_classes": data.num_classes}
 
 
 def default_name(cfg: Config) -> str:
@@ -240,11 +260,10 @@ def fresh_study(storage, name: str, restart: bool) -> None:
     optuna.delete_study(study_name=name, storage=storage)
 
 
-def make_search_alg(space: dict, args, cfg: Config, storage, name: str):
+def make_search_alg(space: dict, args, cfg: Config, storage, name: str, point: dict | None):
     import optuna
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
-    point = paper_point(cfg.imbalance, space) if args.enqueue_paper else None
     # TPE starts with random trials (Optuna's default: 10); with a small budget, half of it.
     sampler = optuna.samplers.TPESampler(seed=args.search_seed, n_startup_trials=min(10, max(1, args.num_samples // 2)))
     searcher = OptunaSearch(space={k: optuna_distribution(k, v) for k, v in space.items()}, metric=METRIC, mode=MODE,
@@ -327,28 +346,27 @@ def main(argv=None, trainable=None) -> int:
     # Tune warns when checkpoints force frequent state snapshots: they are what make resuming exact.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     args = parse_args(argv)
+    owns_ray = False
+    started = time.time()
     try:
         cfg = base_config(args)
-        given = config_overrides(args)
-        space = search_space(args, given)
-    except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}")
-        return 2
-    name = args.name or default_name(cfg)
-    storage = raytune.storage_uri(args.storage)
-    path = raytune.experiment_uri(storage, name)
-    out = Path(args.results).expanduser().resolve() / name
-    params = list(space)
-    identity = experiment_identity(cfg, space, args)
-    started = time.time()
-    owns_ray = False
-    try:
+        on_cluster = bool(args.address or os.environ.get("RAY_ADDRESS"))
+        num_classes = CLASSES.get(cfg.dataset, 100)
+        if not on_cluster or Path(cfg.data_root).exists():  # a cluster's data may live on its nodes only
+            data_info = check_data(cfg)
+            num_classes = data_info["num_classes"]
+            console.log(f"data: {data_info['train_size']} train / {data_info['val_size']} val / "
+                        f"{data_info['test_size']} test images, {num_classes} classes ({data_info['source']})")
+        space = search_space(args, config_overrides(args), cfg, num_classes)
+        point = paper_point(cfg.imbalance, space, num_classes) if args.enqueue_paper else None
+        name = args.name or default_name(cfg)
+        storage = raytune.storage_uri(args.storage)
+        path = raytune.experiment_uri(storage, name)
+        out = Path(args.results).expanduser().resolve() / name
+        params = list(space)
+        identity = experiment_identity(cfg, space, args)
         if not args.restart and tune.Tuner.can_restore(path):
             check_same_experiment(path, identity)
-        if Path(cfg.data_root).exists():
-            data_info = check_data(cfg)
-            console.log(f"data: {data_info['train_size']} train / {data_info['val_size']} val / "
-                        f"{data_info['test_size']} test images ({data_info['source']})")
         owns_ray = raytune.init_ray(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                                     logging_level="warning")
         resources = raytune.trial_resources(args.cpus_per_trial, args.gpus_per_trial)
@@ -361,7 +379,7 @@ def main(argv=None, trainable=None) -> int:
             return tune.Tuner(
                 train, param_space=cfg.to_dict(),
                 tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=args.num_samples,
-                                            search_alg=make_search_alg(space, args, cfg, study_storage, name),
+                                            search_alg=make_search_alg(space, args, cfg, study_storage, name, point),
                                             scheduler=make_scheduler(args, cfg),
                                             trial_dirname_creator=raytune.trial_dirname),
                 run_config=tune.RunConfig(
@@ -374,7 +392,8 @@ def main(argv=None, trainable=None) -> int:
         if not restored:
             raytune.write_text(f"{path}/{IDENTITY_FILE}", json.dumps(identity, indent=1))
         console.log(f"{'resuming' if restored else 'new'} experiment {path}: {args.num_samples} trials over "
-                    + ", ".join(f"{k}={v}" for k, v in space.items()))
+                    + ", ".join(f"{k}={v}" for k, v in space.items())
+                    + (f"; first trial: paper Table 2 point {point}" if point and not restored else ""))
         grid = tuner.fit()
         trials, best = write_results(grid, out, params, dict(search_seed=args.search_seed, experiment=path, name=name))
     except ConfigError as e:
@@ -389,7 +408,8 @@ def main(argv=None, trainable=None) -> int:
     if len(unfinished):
         console.print(f"[yellow]{len(unfinished)} trial(s) unfinished: rerun the same command to resume[/yellow]")
     if best is not None:
-        console.print(f"best: {', '.join(f'{p}={_plain(best[p])}' for p in params)}  {METRIC} {best[f'final_{METRIC}']:.2f}  "
+        shown = ", ".join(f"{p}={v:.4g}" if isinstance(v, float) else f"{p}={v}" for p, v in ((p, _plain(best[p])) for p in params))
+        console.print(f"best: {shown}  {METRIC} {best[f'final_{METRIC}']:.2f}  "
                       f"test {best['final_test_error']:.2f}  -> {out / 'best.json'}")
     console.print(f"wrote {out}/trials.parquet, epochs.parquet{', best.json' if best is not None else ''} "
                   f"({len(trials)} trials, {time.time() - started:.0f}s)")

@@ -22,7 +22,6 @@ from risda.config import Config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SEARCH_PY = REPO / "tune" / "search.py"
-pytestmark = pytest.mark.slow
 
 
 def load_search():
@@ -132,6 +131,7 @@ def test_flags_fix_what_the_space_searches_and_validation_is_mandatory(cifar10_r
 
 
 # --- embedded Ray ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_search_writes_outputs_with_a_failed_trial(cifar10_root, tmp_path, local_ray):
     name = "e2e"
     rc = search.main(tiny_argv(cifar10_root, tmp_path, name), trainable=failing_on_paper_point)
@@ -160,12 +160,14 @@ def test_search_writes_outputs_with_a_failed_trial(cifar10_root, tmp_path, local
     assert cfg.val_per_class == 10 and cfg.arm == "risda"
 
 
+@pytest.mark.slow
 def test_more_gpus_than_the_cluster_has_is_an_error_at_start(cifar10_root, tmp_path, local_ray, capsys):
     rc = search.main(tiny_argv(cifar10_root, tmp_path, "no-gpu", "--gpus-per-trial", "0.5"))
     assert rc == 2 and "no node of the cluster has that many GPUs" in capsys.readouterr().err
     assert not (tmp_path / "ray" / "no-gpu").exists()
 
 
+@pytest.mark.slow
 def test_interrupted_search_resumes_without_rerunning_finished_trials(cifar10_root, tmp_path, local_ray):
     name = "resume"
     argv = tiny_argv(cifar10_root, tmp_path, name, "--num-samples", "2", "--max-concurrent", "1")
@@ -203,6 +205,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(cifar10_ro
 
 
 # --- clusters -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_node_cluster_spreads_trials(cifar10_root, tmp_path, two_nodes):
     name = "two-nodes"
     argv = tiny_argv(cifar10_root, tmp_path, name, "--num-samples", "2", "--address", two_nodes.address,
@@ -214,6 +217,7 @@ def test_two_node_cluster_spreads_trials(cifar10_root, tmp_path, two_nodes):
     assert trials["node_id"].nunique() == 2
 
 
+@pytest.mark.slow
 def test_fractional_gpus_pack_trials_on_one_gpu(cifar10_root, tmp_path, gpu_ray):
     name = "gpu-pack"
     argv = tiny_argv(cifar10_root, tmp_path, name, "--gpus-per-trial", "0.25", "--max-concurrent", "4",

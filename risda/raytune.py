@@ -259,16 +259,17 @@ def delete_dir(uri: str) -> None:
 
 
 def restore_or_new_tuner(path: str, trainable, new_tuner: Callable[[], tune.Tuner],
-                         restart: bool = False) -> tuple[tune.Tuner, bool]:
+                         restart: bool = False, retry_errored: bool = False) -> tuple[tune.Tuner, bool]:
     """(Tuner, restored). Tuner.restore(path) when a restorable experiment is there: finished
     trials are kept, unfinished ones continue from their last checkpoint, the searcher and
-    scheduler continue from their saved state; errored trials are not retried. Otherwise
-    (or with restart=True, which deletes the old experiment first) `new_tuner()`.
-    `trainable` must be the one the experiment was created with."""
+    scheduler continue from their saved state. Errored trials stay errored unless
+    retry_errored (then they continue from their last checkpoint too: for trials that a
+    crash or a lost node killed). Otherwise (or with restart=True, which deletes the old
+    experiment first) `new_tuner()`. `trainable` must be the one the experiment was created with."""
     if restart:
         delete_dir(path)
     if tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False), True
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=retry_errored), True
     return new_tuner(), False
 
 

@@ -175,6 +175,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     w.add_argument("--name", default=None, help="experiment name (default: search-<dataset>-<arm>-lt<imbalance>)")
     w.add_argument("--results", default="results", help="tables go to <results>/<name>/ (default: results)")
     w.add_argument("--restart", action="store_true", help="delete the experiment of this name and start over")
+    w.add_argument("--retry-errored", action="store_true", help="on resume, also continue the trials that failed, from "
+                                                                "their last checkpoint (e.g. after a crash killed them)")
     add_config_args(p, skip=TRIAL_MANAGED)
     return p.parse_args(argv)
 
@@ -388,7 +390,8 @@ def main(argv=None, trainable=None) -> int:
                     failure_config=tune.FailureConfig(max_failures=args.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
 
-        tuner, restored = raytune.restore_or_new_tuner(path, train, new_tuner, restart=args.restart)
+        tuner, restored = raytune.restore_or_new_tuner(path, train, new_tuner, restart=args.restart,
+                                                       retry_errored=args.retry_errored)
         if not restored:
             raytune.write_text(f"{path}/{IDENTITY_FILE}", json.dumps(identity, indent=1))
         console.log(f"{'resuming' if restored else 'new'} experiment {path}: {args.num_samples} trials over "
@@ -407,6 +410,10 @@ def main(argv=None, trainable=None) -> int:
     unfinished = trials[~trials["status"].isin(["TERMINATED", "ERROR"])]
     if len(unfinished):
         console.print(f"[yellow]{len(unfinished)} trial(s) unfinished: rerun the same command to resume[/yellow]")
+    errored = trials[trials["status"] == "ERROR"]
+    if len(errored):
+        console.print(f"[yellow]{len(errored)} trial(s) failed: if a crash killed them, rerun with --retry-errored "
+                      f"to continue them from their last checkpoint[/yellow]")
     if best is not None:
         shown = ", ".join(f"{p}={v:.4g}" if isinstance(v, float) else f"{p}={v}" for p, v in ((p, _plain(best[p])) for p in params))
         console.print(f"best: {shown}  {METRIC} {best[f'final_{METRIC}']:.2f}  "

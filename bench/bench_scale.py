@@ -199,7 +199,9 @@ def run_worker(args, scale, form):
 
 
 def fmt_bytes(n):
-    return "-" if n is None else f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2 ** 20:.1f} MiB"
+    if n is None:
+        return "-"
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2 ** 20:.1f} MiB" if n >= 2 ** 20 else f"{n / 1024:.0f} KiB"
 
 
 def table(results):

@@ -114,10 +114,6 @@ class ClassStatistics:
         self.mean = zeros(dim)
         self.count = torch.zeros(num_classes, dtype=torch.long, device=device)
 
-    @property
-    def diagonal(self) -> bool:
-        return self.form == "diag"
-
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every stored tensor by name: the checkpoint, and what the statistics cost in memory."""
         cov = {"cov_factor": self.cov.factor, "cov_diag": self.cov.diag} if self.form == "lowrank" else {"cov": self.cov}

@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from risda.config import Config  # noqa: E402
 from risda.method import RISDAObjective  # noqa: E402
 from risda.stats import ClassStatistics  # noqa: E402
+from bench_method import peak_rss_bytes, rss_bytes  # noqa: E402  (the script's folder is on sys.path)
 
 GIB = 1024 ** 3
 MACHINE_BYTES = 24 * GIB
@@ -108,15 +108,6 @@ def available_bytes():
     return MACHINE_BYTES
 
 
-def rss_bytes():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def peak_rss_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def step_peak_bytes(C, D, U):

@@ -44,17 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metric", help="the error shown in the table and figure (default: the spec's, test_error); e.g. few_error, test_error_at_best_val, best_test_error")
     g.add_argument("--dry-run", action="store_true", help="print the cells and exit")
     g.add_argument("--collate-only", action="store_true", help="re-collate an existing experiment into tables and figures without training")
-    r = p.add_argument_group("Ray (as in tune/search.py)")
-    r.add_argument("--address", help="Ray cluster address (host:port, ray://host:port or auto; default: $RAY_ADDRESS, else an embedded local Ray)")
-    r.add_argument("--storage", help="where Ray keeps the experiment: a local folder or a URI shared by all nodes (default: ./ray_results)")
-    r.add_argument("--name", help="experiment name (default: the spec's name): ray_results/<name>, results/<name>")
-    r.add_argument("--results", default="results", help="folder of the tables and figures (default: results)")
-    r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray (default: all)")
-    r.add_argument("--num-gpus", type=int, default=None, help="GPUs of the embedded local Ray (default: all)")
-    r.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs each trial reserves (default: 1)")
-    r.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs each trial reserves; fractions pack trials on a GPU, e.g. 0.25 (default: 0)")
-    r.add_argument("--max-failures", type=int, default=0, help="retries of a failed trial from its last checkpoint (default: 0)")
-    r.add_argument("--restart", action="store_true", help="discard an existing experiment of this name and start over (default: continue it)")
+    from risda.raytune import add_runner_args
+    add_runner_args(p, default_name="the spec's name")
+    r = p.add_argument_group("output")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_config_args(p, skip=SKIP_FLAGS)
     return p
@@ -150,7 +142,7 @@ def run(args, console) -> int:
     from risda import raytune
     from risda.ablation_figures import plot_study
     from risda.ablation_ray import load_results, run_experiment, saved_plan, trials_from_grid
-    from risda.ablation_tables import (METRICS, OK, collate_runs, failure_lines, latex_table, markdown_table,
+    from risda.ablation_tables import (FAILED, METRICS, NOT_RUN, OK, collate_runs, failure_lines, latex_table, markdown_table,
                                        rich_tables, summarize_runs)
 
     plan = plan_from_args(args)
@@ -186,8 +178,22 @@ def run(args, console) -> int:
             if args.gpus_per_trial == 0 and ray.cluster_resources().get("GPU", 0):
                 console.print("[yellow]note:[/] the cluster has GPUs but --gpus-per-trial is 0: trials train on CPUs "
                               "(e.g. --gpus-per-trial 0.25 packs four trials on a GPU)")
-            grid, restored = run_experiment(plan, storage, name, args.cpus_per_trial, args.gpus_per_trial,
-                                             restart=args.restart, progress=args.progress, max_failures=args.max_failures)
+            cache = raytune.stage1_cache_root(args.stage1_cache, storage) if args.shared_stage1 else None
+            try:
+                grid, restored, stage1 = run_experiment(
+                    plan, storage, name, args.cpus_per_trial, args.gpus_per_trial, restart=args.restart,
+                    progress=args.progress, max_failures=args.max_failures, stage1_cache=cache,
+                    retry_errored=args.retry_errored)
+            except raytune.Stage1Interrupted as e:
+                console.print(f"[yellow]interrupted:[/] {e}")
+                return 130
+            except raytune.Stage1Failed as e:
+                console.print(f"[bold red]error:[/] {e}")
+                return 1
+            if stage1 is not None:
+                console.print(raytune.describe_stage1(stage1))
+                results_dir.mkdir(parents=True, exist_ok=True)
+                raytune.write_parquet(stage1, results_dir / "stage1.parquet")
             if restored:
                 console.print("continued the existing experiment (finished trials kept; --restart starts over)")
         finally:
@@ -218,7 +224,8 @@ def run(args, console) -> int:
     n_ok = int((runs.status == OK).sum())
     console.print(f"{n_ok}/{len(runs)} cells ok in {time.time() - started:.0f} s; wrote {results_dir}/"
                   f"{{runs,summary,epochs}}.parquet, table.md, table.tex, {figure.name}")
-    return 0 if n_ok == len(runs) else 1
+    n_failed, n_unfinished = int((runs.status == FAILED).sum()), int((runs.status == NOT_RUN).sum())
+    return raytune.Outcome(n_ok, n_failed, n_unfinished).report(console, retry_hint=True)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ fi
 DATA=$WORK/cifar10lt
 "$PY" bench/pack_cifar10lt.py --unpack "$PACK" --to "$DATA" --check-val 0,20 2>&1 | tee -a "$LOG" >&2 || { log "unpack failed"; exit 1; }
 DATA_FLAGS="--dataset cifar10lt --data-root $DATA --imbalance $IMB $NMAX_FLAG --device $DEVICE --head-count $HEAD_COUNT"
-ARM=risda; have risda.method || { ARM=ce_drw; log "risda/method.py missing: timing the ce_drw arm instead of risda"; }
+ARM=risda
 
 # --- 2. epoch times ------------------------------------------------------------------------
 # lr 0.02 (timing only): at 0.1 with no warm-up, a small subset leaves eval-mode features so large
@@ -160,7 +160,7 @@ else log "no epoch timing: full run skipped"; fi
 # --- 4. four concurrent 0.25-GPU trials ----------------------------------------------------
 budget=$(( TUNE_BUDGET_S < $(left) - 10 ? TUNE_BUDGET_S : $(left) - 10 ))
 if [ "$budget" -lt 30 ]; then fig concurrent "{\"status\": \"skipped: ${budget}s left\"}"
-elif [ -f tune/search.py ] && [ $TUNE_READY = 1 ] && [ "$CONCURRENT" != processes ]; then
+elif [ $TUNE_READY = 1 ] && [ "$CONCURRENT" != processes ]; then
   if [ "$DEVICE" = cpu ]; then RES="--gpus-per-trial 0 --cpus-per-trial 0.5"; else RES="--gpus-per-trial 0.25 --cpus-per-trial 2"; fi
   log "tune/search.py: 4 trials x $TUNE_EPOCHS epochs ($RES), budget ${budget}s"
   t0=$SECONDS
@@ -177,7 +177,7 @@ t = pd.read_parquet('$trials'); cols = [c for c in t.columns if c in ('status', 
 print(json.dumps(dict(mode='tune/search.py (ray)', rc=$rc, wall_s=$wall, epochs=$TUNE_EPOCHS, trials=json.loads(t[cols].to_json(orient='records')))))")"
   else fig concurrent "{\"mode\": \"tune/search.py (ray)\", \"status\": \"rc $rc, no trials.parquet after ${wall}s; see tune.log\"}"; fi
 else
-  why="tune/search.py missing"; [ -f tune/search.py ] && why="ray/optuna not importable"
+  why="ray/optuna not importable"
   [ "$CONCURRENT" = processes ] && why="CONCURRENT=processes"
   log "$why: 4 concurrent risda.train processes instead, $TUNE_EPOCHS epochs each, budget ${budget}s"
   t0=$SECONDS; pids=""

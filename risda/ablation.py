@@ -24,8 +24,12 @@ Spec format (every table optional except [grid]):
     dataset = "cifar100lt"
     epochs = 200
 
-    [paper.cifar100lt]                # optional published numbers, shown as dim rows
-    risda = [55.24, 49.84, 46.16, 41.33, 37.62]   # one per value of the cols axis
+    [[paper.cifar100lt]]              # optional published rows, shown dim beside ours
+    method = "RISDA"                  # the published method, as its source names it
+    source = "RISDA paper (Chen et al., AAAI 2022), Table 1"   # paper and table
+    arm = "risda"                     # only where the published method IS this arm
+    errors = { "200" = 55.24, "100" = 49.84 }   # top-1 error (%) per λ, only as printed
+    note = "..."                      # optional: how the numbers were read
 
 Precedence, lowest first: Config defaults < paper Table 2 (α, β) for the cell's imbalance
 factor < [config] < `--config best.json` (a search's result) < typed trainer flags < the
@@ -51,7 +55,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .config import ARMS, VARIANTS, Config, ConfigError
+from .config import ARMS, VARIANTS, Config, ConfigError, parse_field
 
 try:
     import tomllib
@@ -67,8 +71,7 @@ DEFAULT_SPEC = "table5"
 # Paper Table 2: best (α, β) per CIFAR-100-LT imbalance factor.
 TABLE2 = {200.0: (0.5, 1.0), 100.0: (0.5, 0.75), 50.0: (0.75, 1.0), 20.0: (0.75, 0.75), 10.0: (0.5, 0.5)}
 
-DEFAULT_GRID = {"arm": ["risda", "no_reweight", "no_reasoning", "cov_only", "ce", "ce_drw"],
-                "imbalance": [200, 100, 50, 20, 10], "seed": [0, 1, 2]}
+DEFAULT_SEEDS = (0, 1, 2)  # a spec whose [grid] has no seed axis
 FIGURES = ("lines", "bars", "heatmap")
 HP_SOURCES = ("table2", "config")
 # What `--config best.json` may set: the searchable method and optimiser settings, never
@@ -106,23 +109,25 @@ def value_label(axis: str, value) -> str:
 
 
 def coerce(axis: str, value):
-    """A grid value in its Config field's type (TOML `200` -> 200.0 for imbalance)."""
+    """A grid value in its Config field's type: text (--grid, --imbalance, a TOML string) through
+    risda.config.parse_field ('none', 'true', '160,180'); typed values converted as they are
+    (TOML `200` -> 200.0 for imbalance; a NaN from a parquet column -> None for an optional field)."""
     tp = _FIELD_TYPES[axis]
+    optional = type(None) in typing.get_args(tp)
     base = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
     base = typing.get_origin(base[0]) or base[0]
-    if value is None:
+    if value is None or (optional and isinstance(value, float) and math.isnan(value)):
         return None
+    if isinstance(value, str):
+        try:
+            return parse_field(axis, value)
+        except ConfigError as e:
+            raise ConfigError(f"grid axis {axis!r}: {e}") from None
     try:
         if base is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false"):
-                    raise ValueError(value)
-                return value.lower() == "true"
             return bool(value)
         if base is tuple:
-            return tuple(int(v) for v in (value.split(",") if isinstance(value, str) else value))
-        if base is float and isinstance(value, str) and value.lower() == "none":
-            return None
+            return tuple(int(v) for v in value)
         return base(value)
     except (TypeError, ValueError):
         raise ConfigError(f"grid axis {axis!r}: cannot read {value!r} as {base.__name__}") from None
@@ -207,6 +212,62 @@ def parse_spec(raw: dict, name: str, path: str | None = None) -> Spec:
     return spec
 
 
+PUBLISHED_KEYS = ("method", "source", "errors", "arm", "note")
+
+
+def check_published(paper_numbers: dict, bad) -> None:
+    """[[paper.<dataset>]] rows: each names its method and source (paper, table); `arm` only
+    where the published method is exactly that arm (a published "CE" row is plain CE)."""
+    fix = ("write one [[paper.<dataset>]] table per published row, with method, source (paper and table), "
+           "errors = { \"<λ>\" = <top-1 error %> } and, only if the published method is exactly one of our arms, arm")
+    for ds, rows in paper_numbers.items():
+        if ds not in DATASET_LABELS:
+            bad(f"[paper.{ds}]: unknown dataset; use one of {', '.join(DATASET_LABELS)}")
+        if not isinstance(rows, list):
+            bad(f"[paper.{ds}] is not a list of published rows: {fix}")
+        for row in rows:
+            if not isinstance(row, dict):
+                bad(f"[paper.{ds}]: {row!r} is not a table: {fix}")
+            missing = [k for k in ("method", "source", "errors") if not row.get(k)]
+            extra = sorted(set(row) - set(PUBLISHED_KEYS))
+            if missing or extra:
+                bad(f"[[paper.{ds}]] row {row.get('method', '?')!r}: " + (f"missing {missing}" if missing else f"unknown keys {extra}")
+                    + f"; {fix}")
+            if row.get("arm") is not None and row["arm"] not in ARMS:
+                bad(f"[[paper.{ds}]] row {row['method']!r}: unknown arm {row['arm']!r}: choose from {', '.join(ARMS)} or leave it out")
+            if not isinstance(row["errors"], dict):
+                bad(f"[[paper.{ds}]] row {row['method']!r}: errors must be a table {{ \"<λ>\" = <error> }}")
+            for lam, err in row["errors"].items():
+                try:
+                    float(lam)
+                except ValueError:
+                    bad(f"[[paper.{ds}]] row {row['method']!r}: {lam!r} is not an imbalance factor")
+                if isinstance(err, bool) or not isinstance(err, (int, float)):
+                    bad(f"[[paper.{ds}]] row {row['method']!r}: λ={lam}: {err!r} is not a number (leave out what was not published)")
+
+
+def published_rows(spec: dict | Spec, dataset: str, arms=None) -> list[dict]:
+    """The spec's published rows for `dataset`, in spec order: dicts with method, source,
+    arm (or None), note (or None) and errors {λ (float): error}. With `arms`, rows matched to
+    an arm outside it are left out. A plan written before published rows carried their
+    method and source (a table of arm -> numbers) gives none: its labels were not checked."""
+    numbers = (spec.paper_numbers if isinstance(spec, Spec) else spec.get("paper_numbers", {})).get(dataset, [])
+    out = []
+    for row in numbers if isinstance(numbers, list) else []:
+        if not isinstance(row, dict) or not all(row.get(k) for k in ("method", "source", "errors")):
+            continue
+        if arms is not None and row.get("arm") is not None and row["arm"] not in arms:
+            continue
+        out.append(dict(method=row["method"], source=row["source"], arm=row.get("arm"), note=row.get("note"),
+                        errors={float(k): float(v) for k, v in row["errors"].items()}))
+    return out
+
+
+def published_label(row: dict) -> str:
+    """`published: MetaSAug with CE — MetaSAug paper (Li et al., CVPR 2021), Table 1`."""
+    return f"published: {row['method']} — {row['source']}"
+
+
 def check_spec(spec: Spec) -> Spec:
     """Structural checks with a fix in every message (cells are checked by Config.validate)."""
     where = spec.path or spec.name
@@ -234,7 +295,7 @@ def check_spec(spec: Spec) -> Spec:
     for variant in spec.grid.get("variant", []):
         if variant not in VARIANTS:
             bad(f"unknown variant {variant!r}: choose paper or reference")
-    spec.grid.setdefault("seed", list(DEFAULT_GRID["seed"]))
+    spec.grid.setdefault("seed", list(DEFAULT_SEEDS))
     unknown = set(spec.config) - set(_FIELD_NAMES)
     if unknown:
         bad(f"unknown [config] field(s) {sorted(unknown)}: valid fields are the trainer's flags with _ for -")
@@ -250,6 +311,7 @@ def check_spec(spec: Spec) -> Spec:
         bad(f"[layout] axis {spec.cols!r} is both a row and the column axis")
     if spec.figure == "heatmap" and len(spec.rows) != 1:
         bad("[layout] a heatmap needs exactly one row axis")
+    check_published(spec.paper_numbers, bad)
     return spec
 
 
@@ -300,7 +362,8 @@ def read_best(path: str | Path) -> tuple[dict, list[str]]:
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {p}: expected a JSON object with the run configuration")
     cfg = raw.get("config", raw)
-    found = {k: v for k, v in {**cfg, **raw.get("params", {})}.items() if k in HYPERPARAMETERS}
+    # coerce: a parquet column with a failed trial's NaN turns an int parameter into 20.0
+    found = {k: coerce(k, v) for k, v in {**cfg, **raw.get("params", {})}.items() if k in HYPERPARAMETERS}
     if not found:
         raise ConfigError(f"--config {p} holds none of the hyperparameters {', '.join(HYPERPARAMETERS)}")
     notes = [f"hyperparameters from {p}: " + ", ".join(f"{k}={v}" for k, v in sorted(found.items()))]
@@ -333,6 +396,10 @@ def expand(spec: Spec, flags: dict | None = None, best: dict | None = None, best
     cells, table2_notes = [], {}
     for combo in itertools.product(*(spec.grid[a] for a in axes)):
         key = dict(zip(axes, combo))
+        try:  # every value of the cell checked before any is used (table2 needs a valid λ)
+            Config.from_dict({**spec.config, **(best or {}), **flags, **key}).validate()
+        except ConfigError as e:
+            raise ConfigError(f"cell {format_key(key)}: {e}") from None
         values = {}
         imbalance = coerce("imbalance", key.get("imbalance", spec.config.get("imbalance", flags.get("imbalance", Config.imbalance))))
         source = {"alpha": "Config default", "beta": "Config default"}
@@ -377,7 +444,8 @@ def head_count_notes(cells: list[Cell]) -> list[str]:
     for c in cells:
         cfg = c.config
         n = NUM_CLASSES.get(cfg["dataset"])
-        if n and cfg["arm"] in REASONING_ARMS and cfg["head_min_count"] is None and cfg["head_count"] >= n:
+        if (n and cfg["arm"] in REASONING_ARMS and cfg["head_min_count"] is None and cfg["head_count"] is not None
+                and cfg["head_count"] >= n):
             arms.setdefault((cfg["head_count"], cfg["dataset"], n), set()).add(cfg["arm"])
     return [f"head_count {hc} >= the {n} classes of {DATASET_LABELS[ds]}: every class is head, so "
             f"{', '.join(sorted(a))} reason about nothing; pass e.g. --head-count {max(1, n // 5)} (the paper's 20% of classes)"

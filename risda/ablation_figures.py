@@ -1,6 +1,8 @@
 """One PNG per study, drawn from the same panels as the printed table: `lines` (error
 against the column axis, one line per row, ± std bars), `bars` (grouped bars), `heatmap`
-(rows × columns, e.g. α × β). Cells that are not fully ok are marked, never left blank."""
+(rows × columns, e.g. α × β). Cells that are not fully ok are marked, never left blank.
+Published rows of the spec (lines and bars against λ) are dashed lines labelled with their
+method and source."""
 from __future__ import annotations
 
 import math
@@ -10,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from .ablation import axis_label, value_label
-from .ablation_tables import FAILED, METRIC_LABELS, NOT_RUN, OK, PARTIAL, panels, row_label, table_title
+from .ablation_tables import FAILED, METRIC_LABELS, NOT_RUN, OK, PARTIAL, panel_published, panels, row_label, table_title
 
 MARKS = {FAILED: "failed", NOT_RUN: "not run", PARTIAL: "partial"}
 
@@ -47,6 +49,10 @@ def plot_study(plan: dict, runs: pd.DataFrame, summary: pd.DataFrame, metric: st
                 for x, r in zip(xs, stats):
                     if r is not None and r["status"] != OK:
                         not_ok.setdefault(x, []).append(r["status"])
+            for label, vals in panel_published(plan, panel, metric):  # dashed, labelled with method and source
+                pts = [(x, v) for x, v in zip(xs, vals) if v is not None]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="--", marker="x", alpha=0.6,
+                        label=textwrap.fill(label, 60))
             for x, statuses in not_ok.items():  # under the tick: "2 failed, 1 partial", in red
                 xlabels[x] += "\n" + ", ".join(f"{statuses.count(s)} {MARKS[s]}" for s in (FAILED, PARTIAL, NOT_RUN) if s in statuses)
             ax.set_xticks(xs, xlabels)

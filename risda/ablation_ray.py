@@ -58,32 +58,38 @@ def param_space(plan: dict) -> dict:
     return space
 
 
-def trainable(cpus_per_trial: float, gpus_per_trial: float):
-    return tune.with_resources(raytune.train_trial, raytune.trial_resources(cpus_per_trial, gpus_per_trial))
-
-
 def run_experiment(plan: dict, storage: str, name: str, cpus_per_trial: float, gpus_per_trial: float,
-                   restart: bool = False, progress: bool = True, max_failures: int = 0):
-    """(ResultGrid, restored): fit the plan's grid, or continue an interrupted experiment
-    (finished trials kept, unfinished ones resumed from their checkpoints, failed ones not
-    retried; --restart starts over)."""
+                   restart: bool = False, progress: bool = True, max_failures: int = 0,
+                   stage1_cache: str | None = None, retry_errored: bool = False):
+    """(ResultGrid, restored, stage-I table or None): first every distinct stage I the cells
+    need and the cache lacks (with stage1_cache; risda.raytune.ensure_stage1), then the plan's
+    grid, each cell forking stage II from its stage I (isda trains from epoch 0). Continues an
+    interrupted experiment (finished trials kept, unfinished ones resumed from their
+    checkpoints, failed ones only with retry_errored; --restart starts over)."""
     path = raytune.experiment_uri(storage, name)
-    train = trainable(cpus_per_trial, gpus_per_trial)
+    resources = raytune.trial_resources(cpus_per_trial, gpus_per_trial)
+    train = tune.with_resources(raytune.train_trial, resources)
     axes = plan["axes"]
     callbacks = [raytune.RichProgress(len(plan["cells"]), metric="test_error", params=axes)] if progress else []
+    stage1 = None
+    space = param_space(plan)
+    if stage1_cache:
+        configs = [Config.from_dict(c.config) for c in plan_cells(plan)]
+        stage1 = raytune.ensure_stage1(configs, stage1_cache, storage, name, resources, max_failures, progress)
+        space[raytune.STAGE1_CACHE_KEY] = stage1_cache
 
     def new_tuner():
         return tune.Tuner(
-            train, param_space=param_space(plan),
+            train, param_space=space,
             tune_config=tune.TuneConfig(num_samples=1),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage, verbose=0, callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
 
-    tuner, restored = raytune.restore_or_new_tuner(path, train, new_tuner, restart=restart)
+    tuner, restored = raytune.restore_or_new_tuner(path, train, new_tuner, restart=restart, retry_errored=retry_errored)
     raytune.write_text(f"{path}/{PLAN_FILE}", json.dumps(plan, indent=1))
-    return tuner.fit(), restored
+    return tuner.fit(), restored, stage1
 
 
 def saved_plan(storage: str, name: str) -> dict | None:
@@ -109,9 +115,12 @@ def trials_from_grid(grid, axes) -> tuple[list[dict], "object"]:
     for row in trials_df.to_dict("records"):
         epochs = epochs_df[epochs_df.trial_id == row["trial_id"]] if len(epochs_df) else epochs_df
         config = json.loads(row["config"]) or trial_params(row["path"])
+        config.pop(raytune.STAGE1_CACHE_KEY, None)
+        # The trainer's own summary rides on a trial's last report; the epochs rebuild it otherwise.
+        summary = json.loads(row.get("summary") or "{}")
+        result = {**summary_from_epochs(epochs, row), **summary, "completed": bool(row.get("completed"))}
         trials.append(dict(config=config, status=row["status"], error=row["error"],
-                           trial_id=row["trial_id"], path=row["path"],
-                           result=summary_from_epochs(epochs, row)))
+                           trial_id=row["trial_id"], path=row["path"], result=result))
     return trials, epochs_df
 
 

@@ -16,18 +16,38 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from .ablation import (DATASET_LABELS, Cell, axis_label, cell_key, coerce, format_key, plan_cells,
-                       value_label)
+from .ablation import (DATASET_LABELS, axis_label, cell_key, coerce, format_key, plan_cells, published_label,
+                       published_rows, value_label)
 
 # Error columns (%) taken from a trial's summary; the first four are the paper's.
-METRICS = ("test_error", "many_error", "medium_error", "few_error", "test_error_at_best_val",
-           "best_val_error", "best_test_error")
+METRICS = ("test_error", "many_error", "medium_error", "few_error",
+           "test_error_at_best_val", "many_error_at_best_val", "medium_error_at_best_val", "few_error_at_best_val",
+           "best_val_error",
+           "best_test_error", "best_test_many_error", "best_test_medium_error", "best_test_few_error")
+# The test errors (overall, many, medium, few) of the three epoch selections: the last epoch,
+# the best-validation epoch, and the best-test epoch (model selection on test: what the
+# literature reports, never used for any choice).
+SELECTIONS = {"last": ("test_error", "many_error", "medium_error", "few_error"),
+              "best_val": ("test_error_at_best_val", "many_error_at_best_val", "medium_error_at_best_val",
+                           "few_error_at_best_val"),
+              "best_test": ("best_test_error", "best_test_many_error", "best_test_medium_error", "best_test_few_error")}
 METRIC_LABELS = {"test_error": "top-1 error (%)", "many_error": "many-shot error (%)",
                  "medium_error": "medium-shot error (%)", "few_error": "few-shot error (%)",
                  "test_error_at_best_val": "top-1 error at the best validation epoch (%)",
+                 "many_error_at_best_val": "many-shot error at the best validation epoch (%)",
+                 "medium_error_at_best_val": "medium-shot error at the best validation epoch (%)",
+                 "few_error_at_best_val": "few-shot error at the best validation epoch (%)",
                  "best_val_error": "best validation error (%)",
-                 "best_test_error": "best test error over all epochs (%, model selection on test)"}
-OTHER_RESULTS = ("last_epoch", "best_val_epoch", "best_test_epoch", "epochs_run", "wall_time_s", "train_size")
+                 "best_test_error": "best test error over all epochs (%, model selection on test)",
+                 "best_test_many_error": "many-shot error at the best test epoch (%, model selection on test)",
+                 "best_test_medium_error": "medium-shot error at the best test epoch (%, model selection on test)",
+                 "best_test_few_error": "few-shot error at the best test epoch (%, model selection on test)"}
+# Published rows (overall top-1 error) are shown beside these metrics only.
+PUBLISHED_METRICS = ("test_error", "test_error_at_best_val", "best_test_error")
+OTHER_RESULTS = ("last_epoch", "best_val_epoch", "best_test_epoch", "epochs_run", "wall_time_s", "train_size",
+                 "val_size", "test_size", "started_at", "ended_at", "stage1_wall_time_s")
+# Where a trial ran (strings), when its result carries them.
+RUN_FACTS = ("device", "hostname", "torch", "stage1_key")
 # Columns every runs table has, whether or not they are grid axes.
 FIXED_CONFIG = ("arm", "variant", "imbalance", "seed", "subset_seed", "alpha", "beta", "head_count",
                 "cb_gamma", "lr", "weight_decay", "batch_size", "dataset", "epochs", "n_max")
@@ -44,10 +64,12 @@ def trial_status(ray_status: str | None, result: dict) -> str:
     return NOT_RUN
 
 
-def collate_runs(plan: dict, trials: list[dict], experiment: str = "") -> pd.DataFrame:
+def collate_runs(plan: dict, trials: list[dict], experiment: str = "", epochs: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per planned cell. `trials`: dicts with `config` (the trial's Config dict),
     `status` (Ray's: TERMINATED, ERROR, PENDING, RUNNING...), `error` (str or None),
-    `result` (the trial's last reported metrics) and optional `trial_id`, `path`."""
+    `result` (the trial's last reported metrics) and optional `trial_id`, `path`. With
+    `epochs` (one row per trial_id and evaluated epoch), the metrics and RUN_FACTS a
+    result lacks are read from the trial's epochs (`fill_from_epochs`)."""
     axes = plan["axes"]
     cells = plan_cells(plan)
     by_key: dict[tuple, dict] = {}
@@ -78,17 +100,70 @@ def collate_runs(plan: dict, trials: list[dict], experiment: str = "") -> pd.Dat
             row[m] = _num(result.get(m)) if status == OK else math.nan
         for r in OTHER_RESULTS:
             row[r] = _num(result.get(r))
+        for r in RUN_FACTS:
+            row[r] = result.get(r)
         row.update(trial_id=(t or {}).get("trial_id"), trial_path=(t or {}).get("path"),
                    config=json.dumps(cfg, sort_keys=True))
         rows.append(row)
     df = pd.DataFrame(rows)
     for m in (*METRICS, *OTHER_RESULTS):
         df[m] = pd.to_numeric(df[m], errors="coerce").astype("float64")
+    if epochs is not None and len(epochs):
+        df = fill_from_epochs(df, epochs)
     return df
 
 
 def _num(v):
     return math.nan if v is None else v
+
+
+def selection_errors(epochs: pd.DataFrame) -> pd.DataFrame:
+    """Per trial_id (the index), from its evaluated epochs: the test errors (overall, many,
+    medium, few) of the last epoch, of the best-validation epoch and of the best-test epoch
+    (the earliest on ties, as the trainer's summarize), the validation error and the
+    RUN_FACTS of the last report. Named as the METRICS columns."""
+    if "test_error" not in epochs or "trial_id" not in epochs:
+        return pd.DataFrame()
+    rows = {}
+    evaluated = epochs[epochs.test_error.notna()].sort_values("epoch", kind="stable")
+    for trial_id, e in evaluated.groupby("trial_id", sort=False):
+        e = e.reset_index(drop=True)
+        groups = lambda r: [r.get(f"test_{g}_error") for g in ("many", "medium", "few")]
+        last, best_test = e.iloc[-1], e.loc[e.test_error.idxmin()]
+        row = dict(zip(SELECTIONS["last"], [last.test_error, *groups(last)]))
+        row.update(zip(SELECTIONS["best_test"], [best_test.test_error, *groups(best_test)]))
+        if "val_error" in e and e.val_error.notna().any():
+            best_val = e.loc[e.val_error.idxmin()]
+            row.update(zip(SELECTIONS["best_val"], [best_val.test_error, *groups(best_val)]))
+            row["best_val_error"] = best_val.val_error
+        row.update({f: last.get(f) for f in RUN_FACTS if f in e})
+        if "hostname" not in e and "host" in e:
+            row["hostname"] = last.get("host")
+        rows[trial_id] = row
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def fill_from_epochs(runs: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
+    """`runs` with the METRICS of its ok cells and the RUN_FACTS that are missing (NaN / None)
+    read from their trials' epochs (matched by trial_id); values already there are kept."""
+    sel = selection_errors(epochs)
+    runs = runs.copy()
+    if not len(sel) or "trial_id" not in runs:
+        return runs
+    ok = (runs.status == OK) & runs.trial_id.isin(sel.index)
+    for col in [c for c in (*METRICS, *RUN_FACTS) if c in sel]:
+        if col not in runs:
+            runs[col] = math.nan if col in METRICS else None
+        fill = runs[col].isna() & ok if col in METRICS else runs[col].isna() & runs.trial_id.isin(sel.index)
+        if fill.any():
+            values = sel.loc[runs.trial_id[fill], col].to_numpy()
+            if col in METRICS:
+                runs[col] = runs[col].astype("float64")
+                values = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(dtype="float64")
+            else:
+                runs[col] = runs[col].astype(object)
+            runs.loc[fill, col] = values
+    return runs
 
 
 # --- summary ----------------------------------------------------------------------------
@@ -167,7 +242,7 @@ def cell_text(r: dict | None, metric: str, digits: int = 2) -> tuple[str, str]:
     """(text, rich style) of one table cell."""
     if r is None:
         return "—", "dim"
-    mean, std, n = r[f"{metric}_mean"], r[f"{metric}_std"], r[f"{metric}_count"]
+    mean, std = r[f"{metric}_mean"], r[f"{metric}_std"]
     val = "" if math.isnan(mean) else f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
     if r["status"] == OK:
         return (val or "n/a"), ""
@@ -197,7 +272,6 @@ def rich_tables(plan: dict, runs: pd.DataFrame, summary: pd.DataFrame, metric: s
     spec = plan["spec"]
     cfg0 = plan["cells"][0]["config"]
     dataset = cfg0["dataset"]
-    paper = spec.get("paper_numbers", {}).get(dataset, {})
     tables = []
     for panel in panels(summary, plan):
         title = table_title(plan, runs, metric) + (f" — {panel.title}" if panel.key else "")
@@ -224,16 +298,40 @@ def rich_tables(plan: dict, runs: pd.DataFrame, summary: pd.DataFrame, metric: s
                     style = (style + " bold").strip()
                 texts.append(f"[{style}]{_escape(text)}[/]" if style else _escape(text))
             t.add_row(row_label(plan, rk), *texts)
-        if paper and metric == "test_error" and spec["cols"] == "imbalance" and "arm" in spec["rows"]:
-            arms_here = {rk[spec["rows"].index("arm")] for rk in panel.row_keys}
-            source = paper.get("source", "paper")
-            for arm, numbers in paper.items():
-                if arm in arms_here and isinstance(numbers, dict):
-                    vals = [numbers.get(value_label("imbalance", c)) for c in panel.cols]
-                    t.add_row(f"[dim]{_escape(source)}: {value_label('arm', arm)}[/]",
-                              *[f"[dim]{v:.2f}[/]" if v is not None else "[dim]—[/]" for v in vals])
+        published = panel_published(plan, panel, metric)
+        for label, vals in published:
+            t.add_row(f"[dim]{_escape(label)}[/]", *[f"[dim]{v:.2f}[/]" if v is not None else "[dim]—[/]" for v in vals])
+        caption.extend(published_notes(plan, metric) if published else [])
         tables.append((title, t, " ".join(caption)))
     return tables
+
+
+def published_for(plan: dict, metric: str) -> list[dict]:
+    """The spec's published rows for the plan's dataset (risda.ablation.published_rows),
+    for an overall top-1 metric against λ columns; a row matched to an arm only if that arm
+    runs in the plan."""
+    spec = plan["spec"]
+    if metric not in PUBLISHED_METRICS or spec["cols"] != "imbalance" or not plan["cells"]:
+        return []
+    arms = {c["config"]["arm"] for c in plan["cells"]}
+    return published_rows(spec, plan["cells"][0]["config"]["dataset"], arms)
+
+
+def panel_published(plan: dict, panel: "Panel", metric: str) -> list[tuple[str, list]]:
+    """(label, value or None per column) of each published row with a value in this panel."""
+    out = []
+    for row in published_for(plan, metric):
+        vals = [row["errors"].get(float(c)) for c in panel.cols]
+        if any(v is not None for v in vals):
+            out.append((published_label(row), vals))
+    return out
+
+
+def published_notes(plan: dict, metric: str) -> list[str]:
+    notes = ["Published rows: overall top-1 error as printed in the named source (not run here); "
+             "the RISDA authors' released code reports the best test error over all epochs (model selection on test)."]
+    notes += [f"{row['method']} ({row['source']}): {row['note']}." for row in published_for(plan, metric) if row.get("note")]
+    return notes
 
 
 def _escape(text: str) -> str:
@@ -272,6 +370,8 @@ def plain_panels(plan: dict, runs: pd.DataFrame, summary: pd.DataFrame, metric: 
                  [f"{axis_label(spec['cols'])}={value_label(spec['cols'], c)}" for c in panel.cols]
         rows = [[row_label(plan, rk)] + [cell_text(panel.cells.get((rk, c)), metric)[0] for c in panel.cols]
                 for rk in panel.row_keys if any((rk, c) in panel.cells for c in panel.cols)]
+        rows += [[label] + ["—" if v is None else f"{v:.2f}" for v in vals]
+                 for label, vals in panel_published(plan, panel, metric)]
         title = table_title(plan, runs, metric) + (f" — {panel.title}" if panel.key else "")
         out.append((title, header, rows))
     return out
@@ -285,6 +385,8 @@ def markdown_table(plan: dict, runs: pd.DataFrame, summary: pd.DataFrame, metric
         parts.append("|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|")
         parts.extend("| " + " | ".join(r) + " |" for r in rows)
         parts.append("")
+        if any(r[0].startswith("published: ") for r in rows):
+            parts.extend(f"{note}\n" for note in published_notes(plan, metric))
     parts.extend(f"- {line}" for line in failure_lines(runs))
     return "\n".join(parts) + "\n"
 

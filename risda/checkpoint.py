@@ -6,10 +6,11 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
+from .config import Config, ConfigError, _flag
 
 # Fields that may differ between an interrupted run and its resumption.
 RESUMABLE_CHANGES = {"resume", "progress", "out", "device", "num_workers", "cache_dir", "data_root", "download"}
+CHECKPOINT_KEYS = {"config", "model", "optimizer", "objective", "epoch", "history", "elapsed"}
 
 
 def save_checkpoint(path: Path, cfg: Config, **state) -> None:
@@ -18,11 +19,52 @@ def save_checkpoint(path: Path, cfg: Config, **state) -> None:
     os.replace(tmp, path)  # a crash mid-write never leaves a torn checkpoint
 
 
-def load_checkpoint(path: Path, cfg: Config) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+def read_checkpoint(path: Path, mmap: bool = False) -> dict:
+    """torch.load of a run's checkpoint; ConfigError naming the file and the fix when it is
+    missing, truncated, corrupt or not a risda checkpoint. mmap=True reads only its index
+    and the small entries (a cheap check before the data is loaded)."""
+    fix = "delete it to start the run over, or drop --resume and pass a new --out"
+    if not Path(path).is_file():
+        raise ConfigError(f"--resume: no checkpoint at {path}; drop --resume to start a new run")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # torch raises RuntimeError, EOFError, KeyError, UnpicklingError, ... here
+        why = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]  # torch's first sentence
+        raise ConfigError(f"--resume: {path} is not a readable checkpoint (truncated or corrupt: "
+                          f"{type(e).__name__}{': ' + why if why else ''}); {fix}") from e
+    missing = CHECKPOINT_KEYS - set(state) if isinstance(state, dict) else CHECKPOINT_KEYS
+    if missing or not isinstance(state["config"], dict):
+        raise ConfigError(f"--resume: {path} is not a checkpoint of risda.train (it lacks {', '.join(sorted(missing)) or 'a config'}); {fix}")
+    return state
+
+
+def check_checkpoint(path: Path, cfg: Config) -> dict:
+    """What load_checkpoint checks, without reading the tensors (mmap): for the CLI before the data."""
+    return load_checkpoint(path, cfg, mmap=True)
+
+
+def load_checkpoint(path: Path, cfg: Config, mmap: bool = False) -> dict:
+    state = read_checkpoint(path, mmap)
     saved, now = state["config"], cfg.to_dict()
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
-        raise ValueError(f"cannot resume from {path}: the config changed ({diffs}); use the original flags or a new --out")
+        diffs = ", ".join(f"{_flag(k)}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise ConfigError(f"cannot resume from {path}: the config changed ({diffs}); use the original flags, "
+                          "or a new --out for a new run")
+    return state
+
+
+def load_stage1_checkpoint(path: Path, cfg: Config) -> dict:
+    """A shared stage-I checkpoint (risda.stage1) for cfg: its stage-I fields must be cfg's."""
+    from .stage1 import stage1_fields
+    state = read_checkpoint(path)
+    saved, now = stage1_fields(Config.from_dict(state["config"])), stage1_fields(cfg)
+    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+    if changed:
+        diffs = ", ".join(f"{_flag(k)}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise ConfigError(f"the stage-I checkpoint {path} was trained for another stage I ({diffs}); "
+                          f"the runner keys its cache by these fields, so this is a stale or misplaced file")
+    if state["epoch"] + 1 != cfg.resolved().stage1_epochs:
+        raise ConfigError(f"{path} ends at epoch {state['epoch'] + 1}, not at the end of stage I "
+                          f"({cfg.resolved().stage1_epochs}): it is not a stage-I checkpoint")
     return state

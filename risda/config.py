@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -60,7 +62,7 @@ class Config:
     variant: str = field(default="paper", metadata={"help": "paper (default) or reference (the authors' released code)"})
     alpha: float = field(default=0.5, metadata={"help": "strength of the reasoning prototype (eq. 6)"})
     beta: float = field(default=0.75, metadata={"help": "strength of the covariance (eq. 6)"})
-    head_count: int = field(default=20, metadata={"help": "the largest classes that are head (no reasoning)"})
+    head_count: int | None = field(default=None, metadata={"help": "the largest classes that are head (no reasoning); default: 20%% of the classes, at least 1 (20 on CIFAR-100, 2 on CIFAR-10)"})
     head_min_count: int | None = field(default=None, metadata={"help": "instead of --head-count: classes with more than this many images are head"})
     cb_gamma: float = field(default=0.9999, metadata={"help": "γ of the class-balanced weights (eq. 12)"})
     covariance: str = field(default="full", metadata={"help": "full, diag or lowrank:K"})
@@ -95,10 +97,26 @@ class Config:
         return c
 
     def validate(self) -> "Config":
-        """Raise ConfigError naming the problem and the fix; returns self for chaining."""
+        """Raise ConfigError naming the flag and the fix; returns self for chaining."""
         def bad(msg):
             raise ConfigError(msg)
 
+        for name, integer, ok, rule in _RANGES:
+            v = getattr(self, name)
+            if v is None and name in _OPTIONAL:
+                continue
+            number = isinstance(v, numbers.Integral if integer else numbers.Real) and not isinstance(v, bool)
+            if not (number and math.isfinite(v) and ok(v)):
+                bad(f"{_flag(name)} must be {'an integer ' if integer else ''}{rule}, got {v!r}")
+        for name in _BOOLS:
+            if not isinstance(getattr(self, name), bool):
+                bad(f"{_flag(name)} must be true or false, got {getattr(self, name)!r}")
+        if self.lr_milestones is not None and not (
+                isinstance(self.lr_milestones, (tuple, list))
+                and all(isinstance(m, numbers.Integral) and not isinstance(m, bool) and m >= 0 for m in self.lr_milestones)):
+            bad(f"--lr-milestones must be epochs >= 0, comma-separated (e.g. 160,180), got {self.lr_milestones!r}")
+        if self.nesterov and self.momentum == 0:
+            bad("--nesterov needs a momentum: pass --momentum in (0, 1) or --no-nesterov")
         if self.dataset not in DATASETS:
             bad(f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}")
         if self.arm not in ARMS:
@@ -111,38 +129,16 @@ class Config:
             bad(f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}")
         if self.pad_mode not in (None, "zeros", "reflect"):
             bad(f"unknown pad mode {self.pad_mode!r}: choose zeros or reflect")
-        if not self.imbalance >= 1:
-            bad(f"imbalance must be >= 1 (it is n_max / n_min), got {self.imbalance}")
-        if self.n_max is not None and self.n_max < 1:
-            bad(f"--n-max must be a positive number of images, got {self.n_max}")
-        if self.epochs < 1:
-            bad(f"--epochs must be >= 1, got {self.epochs}")
         s1 = self.resolved().stage1_epochs
         if not 0 <= s1 < self.epochs:
             bad(f"stage-I epochs ({s1}) must be in [0, epochs={self.epochs}): stage II needs at least one epoch; lower --stage1-epochs")
-        if self.batch_size < 1:
-            bad(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.lr <= 0 or self.weight_decay < 0:
-            bad(f"--lr must be > 0 and --weight-decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
-        if self.alpha < 0 or self.beta < 0:
-            bad(f"--alpha and --beta must be >= 0, got alpha={self.alpha}, beta={self.beta}")
-        if self.head_count < 0:
-            bad(f"--head-count must be >= 0, got {self.head_count}")
-        if not 0 <= self.cb_gamma < 1:
-            bad(f"--cb-gamma must be in [0, 1), got {self.cb_gamma}")
-        if self.val_per_class < 0:
-            bad(f"--val-per-class must be >= 0, got {self.val_per_class}")
-        if self.eval_every < 1 or self.checkpoint_every < 1:
-            bad("--eval-every and --checkpoint-every must be >= 1")
         cov = self.covariance
-        if not (cov in ("full", "diag") or (cov.startswith("lowrank:") and cov[8:].isdigit() and int(cov[8:]) > 0)):
+        if not (isinstance(cov, str) and (cov in ("full", "diag") or (cov.startswith("lowrank:") and cov[8:].isdigit() and int(cov[8:]) > 0))):
             bad(f"unknown covariance {cov!r}: choose full, diag or lowrank:K with K > 0")
         if self.preset is not None:
             from .presets import PRESETS
             if self.preset not in PRESETS:
                 bad(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
-        if self.graph_topk is not None and self.graph_topk < 1:
-            bad(f"--graph-topk must be >= 1, got {self.graph_topk}")
         return self
 
     def to_dict(self) -> dict:
@@ -163,6 +159,71 @@ class Config:
         return cls(**d)
 
 
+# --- validation ---------------------------------------------------------------------------
+# (field, integer?, allowed, the rule as the message states it). Every value must also be
+# finite (NaN and inf are rejected); None passes for an optional field (it means "default").
+_RANGES = (
+    ("imbalance", False, lambda v: v >= 1, ">= 1 (it is n_max / n_min; 1 keeps the data as it is)"),
+    ("n_max", True, lambda v: v >= 1, ">= 1 (images of the largest class; omit it to use all)"),
+    ("val_per_class", True, lambda v: v >= 0, ">= 0 (0: no validation split)"),
+    ("test_per_class", True, lambda v: v >= 1, ">= 1 (test images kept per class; omit it for the full test set)"),
+    ("subset_seed", True, lambda v: 0 <= v < 2**32, "in [0, 4294967295]"),
+    ("seed", True, lambda v: 0 <= v < 2**32, "in [0, 4294967295]"),
+    ("image_size", True, lambda v: v >= 8, ">= 8 pixels (default: 32 for resnet32, 224 for resnet50)"),
+    ("num_workers", True, lambda v: v >= 0, ">= 0 (0 decodes in the main process)"),
+    ("epochs", True, lambda v: v >= 1, ">= 1"),
+    ("stage1_epochs", True, lambda v: v >= 0, ">= 0 (omit it for 80% of --epochs)"),
+    ("batch_size", True, lambda v: v >= 1, ">= 1"),
+    ("lr", False, lambda v: v > 0, "> 0 (paper: 0.1)"),
+    ("momentum", False, lambda v: 0 <= v < 1, "in [0, 1) (paper: 0.9)"),
+    ("weight_decay", False, lambda v: v >= 0, ">= 0 (paper: 5e-4)"),
+    ("lr_decay", False, lambda v: v > 0, "> 0 (the lr factor at each milestone; paper: 0.01)"),
+    ("warmup_epochs", True, lambda v: v >= 0, ">= 0 (0: no warm-up)"),
+    ("alpha", False, lambda v: v >= 0, ">= 0 (paper: 0.5)"),
+    ("beta", False, lambda v: v >= 0, ">= 0 (paper: 0.75)"),
+    ("head_count", True, lambda v: v >= 0, ">= 0"),
+    ("head_min_count", True, lambda v: v >= 0, ">= 0 (or omit it and use --head-count)"),
+    ("cb_gamma", False, lambda v: 0 <= v < 1, "in [0, 1) (paper: 0.9999)"),
+    ("graph_topk", True, lambda v: v >= 1, ">= 1 (omit it for the dense graph)"),
+    ("eval_every", True, lambda v: v >= 1, ">= 1"),
+    ("checkpoint_every", True, lambda v: v >= 1, ">= 1"),
+)
+_FIELD_TYPES = typing.get_type_hints(Config)
+_OPTIONAL = {n for n, tp in _FIELD_TYPES.items() if type(None) in typing.get_args(tp)}
+_BOOLS = tuple(n for n, tp in _FIELD_TYPES.items() if tp is bool)
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def parse_field(name: str, text: str):
+    """The typed value of Config field `name` read from text: the one parser behind the CLI
+    flags, tune/search.py's --space and the ablation grid (--grid, spec values given as text).
+
+    bool: true/false, yes/no, on/off, 1/0 (anything else is an error); `none` -> None for an
+    optional field; a tuple (lr_milestones) from "160,180". Raises ConfigError naming the flag."""
+    if name not in _FIELD_TYPES:
+        raise ConfigError(f"unknown config field {name!r}: valid fields are {', '.join(f.name for f in fields(Config))}")
+    tp, optional = _base_type(_FIELD_TYPES[name])
+    base = typing.get_origin(tp) or tp
+    s = str(text).strip()
+    if optional and s.lower() == "none":
+        return None
+    if base is bool:
+        if s.lower() in TRUE_WORDS + FALSE_WORDS:
+            return s.lower() in TRUE_WORDS
+        raise ConfigError(f"{_flag(name)} {text!r}: expected true or false (or yes/no, on/off, 1/0)")
+    try:
+        if base is tuple:
+            return tuple(int(x) for x in s.split(",") if x.strip())
+        return base(s)
+    except ValueError:
+        want = {int: "an integer", float: "a number", tuple: "comma-separated integers such as 160,180"}[base]
+        raise ConfigError(f"{_flag(name)} {text!r}: expected {want}" + (" or none" if optional else "")) from None
+
+
 # --- command line -----------------------------------------------------------------------
 def _base_type(tp):
     """(type, optional) from an annotation such as `int | None`."""
@@ -173,14 +234,16 @@ def _base_type(tp):
     return tp, False
 
 
-def _parser_for(tp, optional):
-    base = typing.get_origin(tp) or tp
-    if base is tuple:
-        def parse(s):
-            return None if optional and s.lower() == "none" else tuple(int(x) for x in s.split(",") if x)
-        return parse
-    def parse(s):
-        return None if optional and s.lower() == "none" else base(s)
+def _parser_for(name: str):
+    """argparse `type=` for a field: parse_field, with argparse's own error for a bad value
+    ("argument --lr: invalid float value: 'x'")."""
+    def parse(text):
+        try:
+            return parse_field(name, text)
+        except ConfigError:
+            raise ValueError(text) from None
+    tp, _ = _base_type(_FIELD_TYPES[name])
+    parse.__name__ = "comma-separated int" if (typing.get_origin(tp) or tp) is tuple else tp.__name__
     return parse
 
 
@@ -192,13 +255,13 @@ def add_config_args(parser: argparse.ArgumentParser, cls=Config, skip=()) -> Non
     for f in fields(cls):
         if f.name in skip:
             continue
-        tp, optional = _base_type(hints[f.name])
+        tp, _ = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata.get("help", "") + f" (default: {f.default})"
         if tp is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
         else:
-            group.add_argument(flag, dest=f.name, type=_parser_for(tp, optional), default=argparse.SUPPRESS, help=help_, metavar=f.name.upper())
+            group.add_argument(flag, dest=f.name, type=_parser_for(f.name), default=argparse.SUPPRESS, help=help_, metavar=f.name.upper())
 
 
 def config_overrides(args: argparse.Namespace, cls=Config) -> dict:

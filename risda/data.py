@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,10 +75,12 @@ def list_image_tree(split_dir: Path) -> tuple[list[Path], np.ndarray, list[str]]
     classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
     files, labels = [], []
     for c, name in enumerate(classes):
-        for f in sorted((split_dir / name).iterdir()):
-            if f.suffix.lower() in IMAGE_EXTENSIONS:
-                files.append(f)
-                labels.append(c)
+        found = [f for f in sorted((split_dir / name).iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
+        if not found:
+            raise ConfigError(f"class folder {split_dir / name} has no images ({', '.join(IMAGE_EXTENSIONS)}): add its images, "
+                              f"or remove the class from both {split_dir.parent / 'train'} and {split_dir.parent / 'test'}")
+        files.extend(found)
+        labels.extend([c] * len(found))
     return files, np.asarray(labels, dtype=np.int64), classes
 
 
@@ -85,13 +88,29 @@ def decode_images(files: list[Path], size: int) -> np.ndarray:
     """Decode to RGB uint8 (grey, palette and RGBA images converted) and resize to size×size."""
     from PIL import Image
     out = np.empty((len(files), 3, size, size), dtype=np.uint8)
+    unreadable = []
     for i, f in enumerate(files):
-        with Image.open(f) as img:
-            img = img.convert("RGB")
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.BILINEAR)
-            out[i] = np.asarray(img).transpose(2, 0, 1)
+        try:
+            with Image.open(f) as img:
+                img = img.convert("RGB")
+                if img.size != (size, size):
+                    img = img.resize((size, size), Image.BILINEAR)
+                out[i] = np.asarray(img).transpose(2, 0, 1)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+            unreadable.append((f, e))
+    if unreadable:
+        raise unreadable_error(unreadable)
     return out
+
+
+def unreadable_error(unreadable: list) -> ConfigError:
+    """A ConfigError naming the first unreadable image (and how many): skipping them would
+    silently change the class counts, so the run stops before training."""
+    f, e = unreadable[0]
+    why = (str(e).strip().splitlines() or [""])[0][:200]
+    more = f" (and {len(unreadable) - 1} more image(s) in the tree)" if len(unreadable) > 1 else ""
+    return ConfigError(f"cannot read image {f}{more}: {type(e).__name__}: {why}; delete or replace the file "
+                       "(every image of the tree is used, skipping one would change the class counts)")
 
 
 def read_image_tree(split_dir: Path, size: int, cache_dir: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -103,8 +122,11 @@ def read_image_tree(split_dir: Path, size: int, cache_dir: str) -> tuple[np.ndar
         key.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
     cache = Path(os.path.expanduser(cache_dir)) / f"{split_dir.name}-{key.hexdigest()[:16]}.npz"
     if cache.exists():
-        with np.load(cache) as z:
-            return z["images"], z["labels"], classes
+        try:
+            with np.load(cache) as z:
+                return z["images"], z["labels"], classes
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):  # a damaged cache: decode again
+            cache.unlink(missing_ok=True)
     images = decode_images(files, size)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp.npz")
@@ -170,11 +192,14 @@ class TensorSplit:
     def __len__(self):
         return len(self.labels)
 
-    def batches(self, batch_size: int, train: bool, generator: torch.Generator | None = None):
+    def batches(self, batch_size: int, train: bool, generator: torch.Generator | None = None, shuffle: bool | None = None):
+        """Normalised batches; train: shuffled and augmented, else in order and plain (shuffle
+        overrides the order: the train-mode statistics pass wants mixed, plain batches)."""
         n = len(self.labels)
-        order = torch.randperm(n, device=self.labels.device, generator=generator) if train else None
+        shuffle = train if shuffle is None else shuffle
+        order = torch.randperm(n, device=self.labels.device, generator=generator) if shuffle else None
         for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size] if train else slice(start, start + batch_size)
+            idx = order[start:start + batch_size] if shuffle else slice(start, start + batch_size)
             x, y = self.images[idx], self.labels[idx]
             if train:
                 x = random_crop_flip(x, generator, pad=4, pad_mode=self.pad_mode)

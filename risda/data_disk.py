@@ -80,6 +80,27 @@ def load_rgb(path: str):
         return img.convert("RGB")
 
 
+def load_checked(path: str):
+    """load_rgb, with a ConfigError naming the file and the fix for an unreadable image."""
+    from PIL import Image
+    try:
+        return load_rgb(path)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"cannot read image {path}: {type(e).__name__}: {why}; delete or replace the file, "
+                          "or remove its entry from the list/JSON file") from None
+
+
+def _unwrap_worker_error(e: ConfigError) -> ConfigError:
+    """A DataLoader worker re-raises a ConfigError with its whole traceback in the message;
+    keep the one line the worker raised."""
+    lines = str(e).strip().splitlines()
+    if len(lines) < 2:
+        return e
+    last = lines[-1]
+    return ConfigError(last.split("ConfigError: ", 1)[1] if "ConfigError: " in last else last)
+
+
 def train_transform(img, size: int, seed: int) -> torch.Tensor:
     """RandomResizedCrop(size) + horizontal flip -> uint8 3×size×size."""
     import torchvision.transforms.v2.functional as F
@@ -111,7 +132,7 @@ class _DiskImages(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, seed = item
-        img = load_rgb(os.path.join(self.root, self.files[index].decode()))
+        img = load_checked(os.path.join(self.root, self.files[index].decode()))
         x = train_transform(img, self.size, seed) if self.train else eval_transform(img, self.size)
         return x, int(self.labels[index])
 
@@ -146,9 +167,9 @@ class DiskSplit:
     def path(self, i: int) -> str:
         return os.path.join(self.root, self.files[i].decode())
 
-    def loader(self, batch_size: int, train: bool, generator: torch.Generator | None = None):
+    def loader(self, batch_size: int, train: bool, generator: torch.Generator | None = None, shuffle: bool | None = None):
         n = len(self)
-        if train:
+        if train if shuffle is None else shuffle:
             gdev = generator.device if generator is not None else torch.device("cpu")
             order = torch.randperm(n, generator=generator, device=gdev).tolist()
             seeds = torch.randint(0, 2**62, (n,), generator=generator, device=gdev).tolist()
@@ -159,10 +180,13 @@ class DiskSplit:
             dataset, batch_size=batch_size, sampler=_PairSampler(order, seeds), num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda", drop_last=False)
 
-    def batches(self, batch_size: int, train: bool, generator: torch.Generator | None = None):
-        for x, y in self.loader(batch_size, train, generator):
-            x = x.to(self.device, non_blocking=True)
-            yield normalize(x, self.mean, self.std), y.to(self.device, non_blocking=True)
+    def batches(self, batch_size: int, train: bool, generator: torch.Generator | None = None, shuffle: bool | None = None):
+        try:
+            for x, y in self.loader(batch_size, train, generator, shuffle):
+                x = x.to(self.device, non_blocking=True)
+                yield normalize(x, self.mean, self.std), y.to(self.device, non_blocking=True)
+        except ConfigError as e:  # an unreadable image met during the run (a sample is checked before)
+            raise _unwrap_worker_error(e) from None
 
 
 # --- parsing the public annotation formats --------------------------------------------
@@ -209,7 +233,7 @@ def read_inat_json(path: Path) -> tuple[list[str], list[int], dict[int, str]]:
 
 
 def check_paths(root: Path, files: list[str], what: str, dataset: str, k: int = PATHS_CHECKED) -> None:
-    """Fail early if a sample of the listed images (first, last, random) is missing."""
+    """Fail early if a sample of the listed images (first, last, random) is missing or unreadable."""
     n = len(files)
     idx = {0, n - 1} | set(np.random.RandomState(0).choice(n, size=min(k, n), replace=False).tolist())
     missing = [files[i] for i in sorted(idx) if not (root / files[i]).is_file()]
@@ -217,6 +241,8 @@ def check_paths(root: Path, files: list[str], what: str, dataset: str, k: int = 
         raise ConfigError(f"{len(missing)} of {len(idx)} checked images of the {what} are missing, e.g. "
                           f"{root / missing[0]}: --data-root must be the folder the paths are relative to; "
                           f"--dataset {dataset} expects {LAYOUTS[dataset]}")
+    for i in sorted(idx):  # the same sample decodes: a wrong or corrupt file stops the run here, not in epoch 0
+        load_checked(str(root / files[i]))
 
 
 def read_disk_source(cfg: Config) -> dict:

@@ -3,7 +3,7 @@
 ε[c, j] is the fraction of class-c training images the stage-I classifier predicts as j.
 Reasoning uses its off-diagonal entries: a class borrows from the classes it is confused
 with, never from itself. The last two functions are the authors' released-code behaviour
-("reference" variant, METHOD.md), kept apart so that the paper's equations stay plain.
+("reference" variant, docs/method.md), kept apart so that the paper's equations stay plain.
 
 Two forms of ε: dense (C,C), and TopKGraph, each row's k strongest off-diagonal entries as
 (C,k) indices and weights, built straight from the (label, prediction) pairs so that

@@ -11,7 +11,6 @@ present in the batch, as (U, C) tables, and gathered per sample. The variance te
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .stats import LowRank
 
@@ -191,9 +190,3 @@ def _projections(weight, factor, classes, rows, plan):
         stacked = _side_by_side(block)
         own = (weight[classes[lo:hi]][:, None, :] @ block).squeeze(1)  # w_cᵀ U_c, (K,width)
         yield lo, hi, (weight @ stacked).view(C, hi - lo, width) - own, block, stacked
-
-
-def augmented_cross_entropy(logits, labels, weight, cov, mu_r, alpha, beta, class_weights=None, classes=None):
-    """L̄∞ of eq. 12: the ρ-weighted mean CE of the augmented logits (ρ = None: eq. 11)."""
-    z = augmented_logits(logits, labels, weight, cov, mu_r, alpha, beta, classes=classes)
-    return F.cross_entropy(z, labels, weight=None if class_weights is None else class_weights.to(z.dtype))

@@ -13,7 +13,7 @@ statistics, eq. 4 and eq. 11 share; `graph_topk` keeps ε as a TopKGraph built f
 whole method (prototype and covariance terms) in 2.2 GB of statistics, where full needs 137 GB.
 
 Reference variant: the authors' released CIFAR code, its seven departures listed in
-METHOD.md; each is marked "behaviour N" where it happens below.
+docs/method.md; each is marked "behaviour N" where it happens below.
 """
 from __future__ import annotations
 
@@ -48,12 +48,15 @@ ARMS = {  #             reweight reason_cov reason_mean from_start
 }
 
 
-def head_classes(counts, head_count: int, head_min_count: int | None = None, by_index: bool = False) -> torch.Tensor:
+def head_classes(counts, head_count: int | None, head_min_count: int | None = None, by_index: bool = False) -> torch.Tensor:
     """(C,) bool, the head classes: with more than head_min_count images if that is set, else
-    the head_count largest (ties by index), or the first head_count indices if by_index."""
+    the head_count largest (ties by index), or the first head_count indices if by_index.
+    head_count None: 20% of the classes, at least 1 (the paper's 20 of CIFAR-100's 100)."""
     counts = torch.as_tensor(counts)
     if head_min_count is not None:
         return counts > head_min_count
+    if head_count is None:
+        head_count = max(1, round(0.2 * len(counts)))
     order = torch.arange(len(counts)) if by_index else torch.sort(-counts, stable=True).indices
     head = torch.zeros(len(counts), dtype=torch.bool)
     head[order[:head_count]] = True
@@ -89,10 +92,8 @@ class RISDAObjective(Objective):
         self.graph = None        # ε that reasoning reads: (C,C), or a TopKGraph (paper variant with a top-k or low rank)
         self.prototypes = None   # μ_c (C,D), fixed through stage II
         self.mean_shift = None   # μʳ (C,D): eq. 5 for tail classes, 0 for head; δ for all (reference)
-        # reference behaviour 5: ε and prototypes observed on the stage-I training batches
-        self.best_train_accuracy = -1.0
-        self.best_graph = None
-        self._reset_observations()
+        # reference behaviour 5: ε and prototypes from eval-mode passes after the stage-I epochs
+        self.observations = ReferenceObservations(self.num_classes, cfg.stage1_epochs) if self.reference else None
 
     # --- the trainer's hooks ------------------------------------------------------------
     def begin_epoch(self, epoch, model, extract):
@@ -107,8 +108,6 @@ class RISDAObjective(Objective):
     def loss(self, features, logits, labels, model, epoch):
         with torch.autocast(features.device.type, enabled=False):  # statistics and loss always in fp32
             if not (self.arm.from_start or self.stage2(epoch)):
-                if self.reference:
-                    self._observe(features, logits, labels, epoch)
                 return F.cross_entropy(logits.float(), labels)
             if not (self.ready or self.arm.from_start):
                 raise RuntimeError("RISDAObjective.loss in stage II before begin_epoch prepared it")
@@ -121,13 +120,17 @@ class RISDAObjective(Objective):
                 z = self._logits(features, logits, labels, weight, alpha, beta)
             return F.cross_entropy(z, labels, weight=self.class_weights)
 
-    def end_epoch(self, epoch):
+    def end_epoch(self, epoch, model, extract):
         if self.reference and not self.stage2(epoch):
-            self._finish_observations(epoch)
+            self.observations.after_epoch(epoch, extract)
 
     # --- paper ----------------------------------------------------------------------------
     def _prepare(self, extract):
-        features, logits, labels = extract()
+        # The features the stage-II loss sees: train-mode batch norm on plain images. An eval-mode
+        # pass reads the running statistics instead, which after a short or unwarmed stage I are
+        # far off (features 7x larger in norm, Σ ~50x, measured on a 2-epoch CIFAR-10-LT run) and
+        # seeded Σ and μ so large that ½βΔwᵀΣΔw blew W up; with the paper's 160 epochs the two agree.
+        features, logits, labels = extract(batch_stats=True)
         predictions = logits.argmax(1)
         del logits  # (N, C): the largest thing here at iNaturalist scale
         self.prepare(*(t.to(self.device) for t in (features, predictions, labels)))
@@ -172,43 +175,14 @@ class RISDAObjective(Objective):
         return augmented_logits(logits, labels, weight, cov, mu_r, alpha, beta, classes=classes)
 
     # --- reference (the authors' released code) -----------------------------------------------
-    def _observe(self, features, logits, labels, epoch):
-        """Behaviour 5: confusion of every stage-I epoch and features of the last, from the
-        training batches (augmentation on, train mode)."""
-        self._confusion.index_put_((labels, logits.detach().argmax(1)), torch.ones_like(labels, dtype=torch.float),
-                                   accumulate=True)
-        if epoch == self.cfg.stage1_epochs - 1:
-            self._feature_sum.index_add_(0, labels, features.detach().float())
-            self._feature_count += torch.bincount(labels, minlength=self.num_classes)
-
-    def _finish_observations(self, epoch):
-        seen = self._confusion.sum()
-        if seen > 0:
-            accuracy = (self._confusion.trace() / seen).item()
-            if accuracy > self.best_train_accuracy:  # strictly better, as in their script
-                self.best_train_accuracy = accuracy
-                rows = self._confusion / self._confusion.sum(1, keepdim=True).clamp(min=1)
-                self.best_graph = torch.round(rows, decimals=2)  # behaviour 4
-        if epoch == self.cfg.stage1_epochs - 1 and self._feature_count.sum() > 0:
-            self.prototypes = self._feature_sum / self._feature_count.clamp(min=1)[:, None]
-        self._reset_observations()
-
-    def _reset_observations(self):
-        C, D = self.num_classes, self.feature_dim
-        self._confusion = torch.zeros(C, C, device=self.device)
-        self._feature_sum = torch.zeros(C, D, device=self.device)
-        self._feature_count = torch.zeros(C, dtype=torch.long, device=self.device)
-
     def _prepare_reference(self, extract):
-        if self.best_graph is None or self.prototypes is None:
-            warnings.warn("reference variant: no stage-I observations (stage1_epochs=0 or a resumed run "
-                          "without them); taking ε and the prototypes from one pass over the training set")
-            features, logits, labels = (t.to(self.device) for t in extract())
-            if self.best_graph is None:
-                self.best_graph = torch.round(knowledge_graph(logits.argmax(1), labels, self.num_classes), decimals=2)
-            if self.prototypes is None:
-                self.prototypes = class_means(features, labels, self.num_classes)
-        self.graph = self._sparsify(self.best_graph)
+        obs = self.observations
+        if obs.graph is None or obs.prototypes is None:  # stage1_epochs=0: nothing was observed
+            warnings.warn("reference variant: no stage-I observations (stage1_epochs=0); taking ε and the "
+                          "prototypes from one pass over the training set")
+            obs.observe(self.cfg.stage1_epochs - 1, *extract())
+        self.prototypes = obs.prototypes.to(self.device)
+        self.graph = self._sparsify(obs.graph.to(self.device))
         self.mean_shift = displacement_prototype(self.graph, self.prototypes)  # behaviour 2
         self.stats.reset()  # their estimator starts empty at stage II
 
@@ -233,7 +207,19 @@ class RISDAObjective(Objective):
         graph = self.graph.state_dict() if isinstance(self.graph, TopKGraph) else self.graph
         return {"ready": self.ready, "stats": self.stats.state_dict(), "graph": graph,
                 "prototypes": self.prototypes, "mean_shift": self.mean_shift,
-                "best_train_accuracy": self.best_train_accuracy, "best_graph": self.best_graph}
+                **({"reference": self.observations.state_dict()} if self.reference else {})}
+
+    def load_stage1(self, state):
+        """Fork from a shared stage I (risda.stage1): stage I is plain CE for every RISDA arm but
+        isda, so only the reference variant takes something from it, its observations."""
+        if self.arm.from_start:
+            raise ConfigError("--arm isda trains its augmentation from epoch 0: it has no shared stage I")
+        if self.reference:
+            if not state.get("reference"):
+                raise ConfigError("this stage-I checkpoint was trained without the reference variant's observations "
+                                  "(ε and prototypes); train its stage I with them (the runner does so when any of "
+                                  "its trials uses --variant reference)")
+            self.observations.load_state_dict(state["reference"])
 
     def load_state_dict(self, state):
         if not state:
@@ -244,5 +230,66 @@ class RISDAObjective(Objective):
         graph = state["graph"]
         self.graph = TopKGraph(**{k: v.to(self.device) for k, v in graph.items()}) if isinstance(graph, dict) else to(graph)
         self.prototypes, self.mean_shift = to(state["prototypes"]), to(state["mean_shift"])
-        self.best_train_accuracy = float(state["best_train_accuracy"])
-        self.best_graph = to(state["best_graph"])
+        if self.reference:
+            self.observations.load_state_dict(state["reference"])
+
+
+class ReferenceObservations:
+    """Reference behaviour 5, as the authors' script does it: after every stage-I epoch, one
+    eval-mode pass over the training set with the training augmentation on. ε (eq. 3, the whole
+    row, rounded to 2 decimals in float64 as numpy rounds) comes from the epoch whose pass is the
+    most accurate (strictly better wins, so the first of equals); the prototypes (eq. 1) from the
+    last stage-I epoch's pass. Neither is refreshed in stage II.
+
+    Only the reference variant pays for the extra pass. The pass draws its augmentation from its
+    own generator, in eval mode and without gradients: it leaves the training run untouched, so one
+    shared stage I that observes serves both variants (risda.stage1)."""
+
+    def __init__(self, num_classes: int, stage1_epochs: int):
+        self.num_classes, self.stage1_epochs = num_classes, stage1_epochs
+        self.best_accuracy = -1.0
+        self.graph = None       # (C, C) float32, rounded
+        self.prototypes = None  # (C, D) float32
+
+    def after_epoch(self, epoch: int, extract) -> None:
+        self.observe(epoch, *extract(augment=True))
+
+    def observe(self, epoch: int, features, logits, labels) -> None:
+        predictions = logits.argmax(1)
+        accuracy = (predictions == labels).double().mean().item()
+        if accuracy > self.best_accuracy:
+            self.best_accuracy = accuracy
+            C = self.num_classes
+            confusion = torch.zeros(C, C, dtype=torch.float64, device=labels.device)
+            confusion.index_put_((labels, predictions), torch.ones_like(labels, dtype=torch.float64), accumulate=True)
+            rows = confusion / confusion.sum(1, keepdim=True).clamp(min=1)
+            self.graph = torch.round(rows, decimals=2).float()  # behaviour 4, rounded in float64
+        if epoch == self.stage1_epochs - 1:
+            self.prototypes = class_means(features.float(), labels, self.num_classes)
+
+    def state_dict(self) -> dict:
+        return {"best_accuracy": self.best_accuracy, "graph": self.graph, "prototypes": self.prototypes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_accuracy = float(state["best_accuracy"])
+        self.graph, self.prototypes = state["graph"], state["prototypes"]
+
+
+class SharedStage1(Objective):
+    """Stage I as every arm but isda trains it: plain cross-entropy. With observe_reference it also
+    records the reference variant's observations, which change nothing about the training itself."""
+
+    def __init__(self, cfg, class_counts, feature_dim, device, observe_reference: bool = False):
+        super().__init__(cfg, class_counts, feature_dim, device)
+        self.observations = ReferenceObservations(self.num_classes, cfg.resolved().stage1_epochs) if observe_reference else None
+
+    def end_epoch(self, epoch, model, extract):
+        if self.observations is not None and not self.stage2(epoch):
+            self.observations.after_epoch(epoch, extract)
+
+    def state_dict(self):
+        return {"reference": self.observations.state_dict()} if self.observations is not None else {}
+
+    def load_state_dict(self, state):
+        if self.observations is not None:
+            self.observations.load_state_dict(state["reference"])

@@ -6,7 +6,6 @@ a 64-d feature and a linear classifier with bias.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -1,7 +1,7 @@
 """Training objectives ("arms"). The trainer's loop never changes: it asks the objective
 for a loss every batch and tells it when epochs begin and end.
 
-`make_objective(cfg, ...)` picks the arm. The plain baselines live here; the RISDA arms
+`risda.trainer.make_objective(cfg, ...)` picks the arm. The plain baselines live here; the RISDA arms
 (risda, no_reweight, no_reasoning, cov_only, isda) live in `risda.method`.
 """
 from __future__ import annotations
@@ -13,9 +13,10 @@ import torch.nn.functional as F
 
 from .config import Config
 
-# extract() -> (features (N,D) fp32, logits (N,C) fp32, labels (N,)) over the training
-# set in eval mode without augmentation; computed only when an objective asks for it.
-Extractor = Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# extract(augment=False) -> (features (N,D) fp32, logits (N,C) fp32, labels (N,)) over the
+# training set in eval mode (with the training augmentation if asked, from a generator of its
+# own); computed only when an objective asks for it.
+Extractor = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 class Objective:
@@ -38,7 +39,7 @@ class Objective:
              model: torch.nn.Module, epoch: int) -> torch.Tensor:
         return F.cross_entropy(logits.float(), labels)
 
-    def end_epoch(self, epoch: int) -> None:
+    def end_epoch(self, epoch: int, model: torch.nn.Module, extract: Extractor) -> None:
         pass
 
     def state_dict(self) -> dict:
@@ -46,6 +47,9 @@ class Objective:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def load_stage1(self, state: dict) -> None:
+        """Take what this arm needs from the objective state of a shared stage I (risda.stage1)."""
 
 
 class DeferredReweighting(Objective):
@@ -59,12 +63,3 @@ class DeferredReweighting(Objective):
     def loss(self, features, logits, labels, model, epoch):
         weight = self.class_weights if self.stage2(epoch) else None
         return F.cross_entropy(logits.float(), labels, weight=weight)
-
-
-def make_objective(cfg: Config, class_counts: list[int], feature_dim: int, device: torch.device) -> Objective:
-    if cfg.arm == "ce":
-        return Objective(cfg, class_counts, feature_dim, device)
-    if cfg.arm == "ce_drw":
-        return DeferredReweighting(cfg, class_counts, feature_dim, device)
-    from .method import RISDAObjective
-    return RISDAObjective(cfg, class_counts, feature_dim, device)

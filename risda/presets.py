@@ -5,7 +5,7 @@ so `--preset imagenetlt-r50 --epochs 10` is the paper's ImageNet-LT recipe cut t
 In Python: `preset_config("imagenetlt-r50", data_root=..., epochs=10)`.
 
 Sources: the paper's "Results on ImageNet-LT / iNaturalist 2018" paragraphs and, where the
-paper is silent, the authors' ImageNet-LT code as METHOD.md describes it. Guesses are marked.
+paper is silent, the authors' ImageNet-LT code as docs/method.md describes it. Guesses are marked.
 """
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ Only `ray.tune` is used inside a trial (`ray.train.report` is an error in Tune t
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import logging
 import os
@@ -21,10 +23,13 @@ from typing import Callable
 
 import ray
 from ray import tune
+from ray.tune.search.optuna import OptunaSearch
 
+from . import storage
 from .config import Config, ConfigError
 
 CHECKPOINT_FILE = "checkpoint.pt"  # the trainer's file; Tune checkpoints hold just this one
+STAGE1_CACHE_KEY = "stage1_cache"  # in a trial's config: the stage-I cache to fork from (not a Config field)
 LOCAL_STORAGE = "ray_results"      # default storage, relative to the working directory
 # Tune's own per-report bookkeeping, dropped from our epoch tables.
 TUNE_COLUMNS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "date", "time_this_iter_s",
@@ -33,58 +38,129 @@ TUNE_COLUMNS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration"
 TRIAL_FACTS = ("device", "ray_gpu_ids", "node_id", "hostname", "seed", "subset_seed")
 
 
-# --- the trainable ------------------------------------------------------------------------
+# --- the trainables ------------------------------------------------------------------------
 def train_trial(config: dict) -> None:
     """Ray Tune function trainable: one trainer run of `Config.from_dict(config)`.
 
-    Reports every evaluated epoch with `tune.report` (record fields: val_error, test_error,
-    test_many/medium/few_error, ..., plus epochs_done and the TRIAL_FACTS), attaches the
-    trainer's checkpoint.pt as a Tune checkpoint on every checkpointed epoch, and resumes
-    from `tune.get_checkpoint()` when Tune restores the trial. Wrap it with
-    `tune.with_resources(train_trial, trial_resources(...))`."""
-    from .trainer import device_name, pick_device, train
+    Reports every epoch with `tune.report` (train_loss, train_error, images_per_s, stage;
+    the evaluation fields val_error, test_error, test_many/medium/few_error every eval_every
+    epochs and at the last), plus epochs_done, stage2_epochs_done (ASHA's time axis) and the
+    TRIAL_FACTS; the last report also carries the trainer's summary (`summary_*`). It attaches
+    the trainer's checkpoint.pt as a Tune checkpoint on every checkpointed epoch and resumes from
+    `tune.get_checkpoint()` when Tune restores the trial. With config["stage1_cache"] (a cache
+    root, see risda.stage1) a fresh trial forks stage II from the cached stage I instead of
+    training it. Wrap it with `tune.with_resources(train_trial, trial_resources(...))`."""
+    from .stage1 import Stage1Cache, needs_observations, shares_stage1, stage1_key
+    from .trainer import train
 
-    # Ray logs a line per persisted checkpoint from every trial; it drowns the driver's progress.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    # The trainer's own out dir is scratch: Tune copies its trial dir to storage while the
-    # trial runs, which stored stale copies of checkpoint.pt; everything the trainer writes
-    # is in the reports anyway.
-    out = Path(tempfile.mkdtemp(prefix=f"risda-trial-{tune.get_context().get_trial_id()}-"))
-    try:
+    config = dict(config)
+    cache_root = config.pop(STAGE1_CACHE_KEY, None)
+    with trial_scratch() as out:
         cfg = trial_config(config, out)
-        seed_everything(cfg.seed)
-        set_torch_threads()
-        facts = dict(device=device_name(pick_device(cfg.device)), ray_gpu_ids=",".join(map(str, ray.get_gpu_ids())),
-                     node_id=ray.get_runtime_context().get_node_id(), hostname=socket.gethostname(),
-                     seed=cfg.seed, subset_seed=cfg.resolved().subset_seed)
+        facts = trial_facts(cfg)
+        resume_from = restore_trial_checkpoint(out)
+        stage1_from = None
+        if resume_from is None and cache_root and shares_stage1(cfg):
+            cache = Stage1Cache(cache_root)
+            if cache.lookup(cfg, needs_observations(cfg)) is None:
+                raise RuntimeError(f"stage I {stage1_key(cfg)} is not in the cache {cache_root}: the runner trains "
+                                   f"every stage I before the stage-II trials; rerun the same command")
+            stage1_from = cache.fetch(cfg, out / "stage1.pt")
+        if cache_root and shares_stage1(cfg):
+            facts["stage1_key"] = stage1_key(cfg)
+        final = {}
 
         def on_epoch(record: dict, checkpoint: Path | None) -> None:
-            metrics = {**record, "epochs_done": record["epoch"] + 1, **facts}
-            if checkpoint is None:
-                tune.report(metrics)
+            metrics = {**record, "epochs_done": record["epoch"] + 1,
+                       "stage2_epochs_done": max(0, record["epoch"] + 1 - cfg.resolved().stage1_epochs), **facts}
+            if record["epoch"] + 1 == cfg.epochs:  # reported below, with the summary
+                final.update(metrics=metrics, checkpoint=checkpoint)
                 return
-            # Tune copies the directory into its storage during report(), so a temporary
-            # copy is enough and the trainer can keep overwriting its own file.
-            with tempfile.TemporaryDirectory() as d:
-                shutil.copy2(checkpoint, Path(d) / CHECKPOINT_FILE)
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+            report(metrics, checkpoint)
 
-        train(cfg, on_epoch=on_epoch, resume_from=restore_trial_checkpoint(out))
+        summary = train(cfg, on_epoch=on_epoch, resume_from=resume_from, stage1_from=stage1_from)
+        scalars = {f"summary_{k}": v for k, v in summary.items() if isinstance(v, (int, float, str)) or v is None}
+        last = final or {"metrics": {"epochs_done": cfg.epochs, **facts}, "checkpoint": None}  # restored at its end
+        report({**last["metrics"], **scalars}, last["checkpoint"])
+
+
+def train_stage1_trial(config: dict) -> None:
+    """Ray Tune function trainable: the shared stage I of one stage-I key (risda.stage1).
+
+    config: {"job": {"config": <Config dict>, "observations": bool, "stage1_cache": root}}.
+    Reports every epoch; keeps its resumable checkpoint in the cache (<key>/partial.pt), so a
+    rerun, a retry or another experiment over the same stage I continues it; stores the
+    finished stage I in the cache and reports its key."""
+    from .stage1 import Stage1Cache, stage1_key
+    from .trainer import train
+
+    job = config["job"]
+    cfg_dict, observations, cache = job["config"], bool(job["observations"]), Stage1Cache(job[STAGE1_CACHE_KEY])
+    with trial_scratch() as out:
+        cfg = trial_config(cfg_dict, out)
+        key = stage1_key(cfg)
+        facts = {**trial_facts(cfg), "stage1_key": key}
+        if cache.lookup(cfg, observations) is not None:
+            tune.report({"epochs_done": cfg.resolved().stage1_epochs, "cached": True, **facts})
+            return
+        partial = cache.partial(cfg)
+        resume_from = storage.download(partial, out / "checkpoint.pt") if storage.exists(partial) else None
+
+        def on_epoch(record: dict, checkpoint: Path | None) -> None:
+            if checkpoint is not None:
+                storage.upload(checkpoint, partial)
+            tune.report({**record, "epochs_done": record["epoch"] + 1, "cached": False, **facts})
+
+        done = train(cfg, on_epoch=on_epoch, resume_from=resume_from, stage1_only=True, observe_reference=observations)
+        cache.store(cfg, Path(done["checkpoint"]), {"observations": observations, "wall_time_s": done["wall_time_s"],
+                                                    "epochs": cfg.resolved().stage1_epochs, "train_size": done["train_size"],
+                                                    "trial_id": tune.get_context().get_trial_id()})
+        storage.delete_file(partial)
+
+
+def report(metrics: dict, checkpoint: Path | None) -> None:
+    if checkpoint is None:
+        tune.report(metrics)
+        return
+    # Tune copies the directory into its storage during report(), so a temporary copy is
+    # enough and the trainer can keep overwriting its own file.
+    with tempfile.TemporaryDirectory() as d:
+        shutil.copy2(checkpoint, Path(d) / CHECKPOINT_FILE)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+@contextlib.contextmanager
+def trial_scratch():
+    """The trainer's out dir: scratch, removed however the trial ends. Tune copies its trial
+    dir to storage while the trial runs, which stored stale copies of checkpoint.pt; all the
+    trainer writes is in the reports anyway."""
+    # Ray logs a line per persisted checkpoint from every trial; it drowns the driver's progress.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    out = Path(tempfile.mkdtemp(prefix=f"risda-trial-{tune.get_context().get_trial_id()}-"))
+    try:
+        yield out
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def trial_facts(cfg: Config) -> dict:
+    """Seeds and the machine, on every report; also seeds the trial's global RNGs and threads."""
+    from .trainer import device_name, pick_device
+    seed_everything(cfg.seed)
+    set_torch_threads()
+    return dict(device=device_name(pick_device(cfg.device)), ray_gpu_ids=",".join(map(str, ray.get_gpu_ids())),
+                node_id=ray.get_runtime_context().get_node_id(), hostname=socket.gethostname(),
+                seed=cfg.seed, subset_seed=cfg.resolved().subset_seed)
 
 
 def trial_config(config: dict, out: Path) -> Config:
     """The Config a trial runs: the given fields, with the run-local ones set for Tune.
 
-    out is the trial's scratch directory; progress bars are off; every checkpoint epoch is
-    also an evaluated epoch (a report without the metric would stop the trial); the
-    device is the one Ray assigned (see `trial_device`)."""
+    out is the trial's scratch directory; progress bars are off; the device is the one Ray
+    assigned (see `trial_device`)."""
     cfg = Config.from_dict(config)
     cfg.out = str(out)
     cfg.progress, cfg.resume = False, False
-    if cfg.checkpoint_every % cfg.eval_every:
-        cfg.checkpoint_every = cfg.eval_every
     cfg.device = trial_device(cfg.device)
     return cfg.validate()
 
@@ -139,6 +215,127 @@ def absolute_paths(cfg: Config) -> Config:
     cfg.data_root = str(Path(cfg.data_root).expanduser().resolve())
     cfg.cache_dir = str(Path(cfg.cache_dir).expanduser().resolve())
     return cfg
+
+
+class EvaluatedOptunaSearch(OptunaSearch):
+    """OptunaSearch that hears only the reports carrying the metric: trials report every epoch,
+    the validation error only on evaluated ones (OptunaSearch would raise a KeyError)."""
+
+    def on_trial_result(self, trial_id: str, result: dict):
+        if self.metric in result:
+            super().on_trial_result(trial_id, result)
+
+
+# --- stage I, shared ------------------------------------------------------------------------
+class Stage1Failed(RuntimeError):
+    """A shared stage I failed; the stage-II trials that need it cannot start."""
+
+
+class Stage1Interrupted(Stage1Failed):
+    """The stage-I phase was interrupted (Ctrl-C); its progress is kept in the cache."""
+
+
+def describe_stage1(table) -> str:
+    reused, trained = table[~table.trained_now], table[table.trained_now]
+    wall = trained.wall_time_s.sum() if len(trained) else 0.0
+    return (f"stage I: {len(table)} distinct, {len(reused)} reused from the cache, {len(trained)} trained now "
+            f"({wall:.0f} s of training); stage II forks from them")
+
+
+def plan_stage1(configs: list[Config]) -> dict[str, tuple[Config, bool]]:
+    """{stage-I key: (the config its stage I trains with, whether it records the reference
+    observations)} over the configs that share a stage I; isda and stage-I-less runs have none."""
+    from .stage1 import needs_observations, shares_stage1, stage1_key, stage1_training_config
+    plan = {}
+    for cfg in configs:
+        if shares_stage1(cfg):
+            key = stage1_key(cfg)
+            observations = needs_observations(cfg) or plan.get(key, (None, False))[1]
+            plan[key] = (stage1_training_config(cfg), observations)
+    return plan
+
+
+def ensure_stage1(configs: list[Config], cache_root: str, storage_root: str, name: str, resources: dict,
+                  max_failures: int = 0, progress: bool = True):
+    """Train every distinct stage I that `configs` need and the cache lacks, as one Tune
+    experiment `<name>-stage1` (a grid over the missing keys, one trial each, the same
+    per-trial resources as stage II, so they spread over a cluster). Returns a DataFrame with
+    one row per key: reused or trained now, its wall time, status and error. Raises
+    Stage1Failed if any is still missing afterwards."""
+    import pandas as pd
+    from .stage1 import Stage1Cache
+    cache = Stage1Cache(cache_root)
+    plan = plan_stage1(configs)
+    missing = {k: v for k, v in plan.items() if cache.lookup(v[0], v[1]) is None}
+    errors = {}
+    if missing:
+        # A new experiment every time: what makes a stage I resumable is its partial checkpoint
+        # in the cache, which survives a changed set of missing keys, where Tune's restore does not.
+        jobs = [{"config": cfg.to_dict(), "observations": obs, STAGE1_CACHE_KEY: cache.root} for cfg, obs in missing.values()]
+        delete_dir(experiment_uri(storage_root, f"{name}-stage1"))
+        tuner = tune.Tuner(
+            tune.with_resources(train_stage1_trial, resources),
+            param_space={"job": tune.grid_search(jobs)},
+            tune_config=tune.TuneConfig(trial_dirname_creator=trial_dirname),
+            run_config=tune.RunConfig(name=f"{name}-stage1", storage_path=storage_root, verbose=0,
+                                      callbacks=[RichProgress(len(jobs), metric=None, label="stage I")] if progress else [],
+                                      failure_config=tune.FailureConfig(max_failures=max_failures)))
+        for result in tuner.fit():
+            if result.error is not None:
+                job = (result.config or {}).get("job", {})
+                key = (result.metrics or {}).get("stage1_key") or job.get("config", {}).get("seed", "?")
+                errors[str(key)] = error_message(result.error)
+    rows = []
+    for key, (cfg, obs) in plan.items():
+        info = cache.lookup(cfg, obs)
+        rows.append(dict(stage1_key=key, status="ok" if info else "failed", trained_now=key in missing,
+                         observations=obs, epochs=cfg.resolved().stage1_epochs,
+                         wall_time_s=(info or {}).get("wall_time_s"), error=None if info else errors.get(key, "missing"),
+                         entry=cache.entry(key)))
+    table = pd.DataFrame(rows, columns=["stage1_key", "status", "trained_now", "observations", "epochs", "wall_time_s",
+                                        "error", "entry"])
+    failed = table[table.status != "ok"]
+    if len(failed) and not errors:
+        raise Stage1Interrupted(f"{len(failed)} of {len(table)} shared stage I(s) unfinished; their progress is in "
+                                f"{cache.root}: rerun the same command to continue them")
+    if len(failed):
+        raise Stage1Failed(f"{len(failed)} of {len(table)} shared stage I(s) did not finish ("
+                           + "; ".join(f"{r.stage1_key}: {r.error}" for r in failed.itertuples())
+                           + "); fix the cause and rerun the same command (finished ones are kept)")
+    return table
+
+
+def stage1_cache_root(option: str | None, storage_root: str) -> str:
+    """--stage1-cache, or <storage>/stage1."""
+    if option:
+        return option.rstrip("/") if "://" in option else str(Path(option).expanduser().resolve())
+    return f"{storage_root.rstrip('/')}/stage1"
+
+
+def add_runner_args(parser, default_name: str) -> None:
+    """The flags of where and how an experiment runs, shared by tune/search.py and ablations/run.py."""
+    w = parser.add_argument_group("where it runs (Ray)")
+    w.add_argument("--address", default=None, help="Ray cluster to join: host:port, ray://host:port or auto "
+                                                   "(default: $RAY_ADDRESS, else an embedded local Ray on 127.0.0.1)")
+    w.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray (default: all)")
+    w.add_argument("--num-gpus", type=int, default=None, help="GPUs of the embedded local Ray (default: all)")
+    w.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs per trial (default: 1)")
+    w.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per trial, fractions pack trials on a GPU, "
+                                                                    "e.g. 0.25 (default: 0)")
+    w.add_argument("--max-failures", type=int, default=0, help="retries of a failed trial from its last checkpoint (default: 0)")
+    w.add_argument("--storage", default=None, help=f"Ray experiment storage: a path or a URI pyarrow understands "
+                                                   f"(s3://, gs://; shared by all nodes) (default: ./{LOCAL_STORAGE})")
+    w.add_argument("--name", default=None, help=f"experiment name (default: {default_name})")
+    w.add_argument("--results", default="results", help="tables go to <results>/<name>/ (default: results)")
+    w.add_argument("--restart", action="store_true", help="delete the experiment of this name and start over")
+    w.add_argument("--retry-errored", action="store_true", help="on resume, also continue the trials that failed, from "
+                                                                "their last checkpoint (e.g. after a crash killed them)")
+    w.add_argument("--shared-stage1", action=argparse.BooleanOptionalAction, default=True,
+                   help="train each distinct stage I once and fork every trial's stage II from it (default: on; "
+                        "--no-shared-stage1 trains each trial's own stage I)")
+    w.add_argument("--stage1-cache", default=None, metavar="DIR|URI",
+                   help="the stage-I cache, shared by searches and ablations over the same base config "
+                        "(default: <storage>/stage1)")
 
 
 # --- the cluster ----------------------------------------------------------------------------
@@ -227,35 +424,7 @@ def experiment_uri(storage: str, name: str) -> str:
     return f"{storage.rstrip('/')}/{name}"
 
 
-def _fs(uri: str):
-    import pyarrow.fs
-    if "://" not in uri:
-        return pyarrow.fs.LocalFileSystem(), uri
-    return pyarrow.fs.FileSystem.from_uri(uri)
-
-
-def read_text(uri: str) -> str | None:
-    """A small file on local or remote storage; None when it does not exist."""
-    import pyarrow.fs
-    fs, path = _fs(uri)
-    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
-        return None
-    with fs.open_input_stream(path) as f:
-        return f.read().decode()
-
-
-def write_text(uri: str, text: str) -> None:
-    fs, path = _fs(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode())
-
-
-def delete_dir(uri: str) -> None:
-    import pyarrow.fs
-    fs, path = _fs(uri)
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
-        fs.delete_dir(path)
+read_text, write_text, delete_dir = storage.read_text, storage.write_text, storage.delete_dir
 
 
 def restore_or_new_tuner(path: str, trainable, new_tuner: Callable[[], tune.Tuner],
@@ -298,7 +467,7 @@ def epoch_rows(result, params=()) -> list[dict]:
     if df is None or df.empty or "epoch" not in df:
         return []
     config = result.config or {}
-    df = df.drop(columns=[c for c in df.columns if c in TUNE_COLUMNS or c.startswith("config/")])
+    df = df.drop(columns=[c for c in df.columns if c in TUNE_COLUMNS or c.startswith(("config/", "summary_"))])
     df = df.drop_duplicates("epoch", keep="last").sort_values("epoch")
     head = {"trial_id": trial_id_of(result), **{p: config.get(p) for p in params}}
     return [{**head, **row} for row in df.to_dict("records")]
@@ -311,7 +480,7 @@ def trial_id_of(result) -> str:
 def trial_row(result, status: str | None, metric: str = "val_error", params=()) -> dict:
     """One trial as a flat dict: params, status, error, the epoch with the best `metric` and
     the final errors (test, many/medium/few, validation), epochs run, wall time, where it ran."""
-    config = result.config or {}
+    config = {k: v for k, v in (result.config or {}).items() if k != STAGE1_CACHE_KEY}
     epochs = epoch_rows(result)
     last = epochs[-1] if epochs else {}
     scored = [r for r in epochs if r.get(metric) is not None]
@@ -330,7 +499,9 @@ def trial_row(result, status: str | None, metric: str = "val_error", params=()) 
     row.update(train_time_s=last.get("wall_time_s"), wall_time_s=wall,
                started_at=None if ended is None or wall is None else ended - wall, ended_at=ended,
                node_ip=metrics.get("node_ip"), **{k: last.get(k) for k in TRIAL_FACTS},
-               path=result.path, config=json.dumps(config, sort_keys=True))
+               stage1_key=last.get("stage1_key"), stage1_wall_time_s=metrics.get("summary_stage1_wall_time_s"),
+               path=result.path, config=json.dumps(config, sort_keys=True),
+               summary=json.dumps({k[len("summary_"):]: v for k, v in metrics.items() if k.startswith("summary_")}))
     return row
 
 
@@ -358,29 +529,74 @@ def write_parquet(df, path: Path) -> Path:
     return path
 
 
+class Outcome:
+    """How a set of requested trials ended: done (TERMINATED: all epochs, or stopped by the
+    scheduler), failed (ERROR, diverged included) and unfinished (never started, pending,
+    running or paused when the driver stopped)."""
+
+    def __init__(self, done: int, failed: int, unfinished: int):
+        self.done, self.failed, self.unfinished = done, failed, unfinished
+
+    @classmethod
+    def of(cls, trials, requested: int) -> "Outcome":
+        status = trials["status"] if len(trials) else []
+        done = int((status == "TERMINATED").sum()) if len(trials) else 0
+        failed = int((status == "ERROR").sum()) if len(trials) else 0
+        return cls(done, failed, max(0, requested - done - failed))
+
+    def report(self, console, retry_hint: bool = False) -> int:
+        """Print what did not finish; the exit code: 0 all done, 130 interrupted, 1 failures."""
+        total = self.done + self.failed + self.unfinished
+        if self.failed:
+            hint = " (rerun with --retry-errored to continue them from their last checkpoint)" if retry_hint else ""
+            console.print(f"[red]{self.failed} of {total} trial(s) failed{hint}[/red]")
+        if self.unfinished:
+            console.print(f"[yellow]{self.unfinished} of {total} trial(s) unfinished: the state is saved, rerun the same "
+                          f"command to continue[/yellow]")
+        if self.failed:
+            return 1
+        return 130 if self.unfinished else 0
+
+
+def check_writable(path: str | Path, flag: str) -> None:
+    """A local output folder that can be created and written, checked before Ray starts."""
+    if "://" in str(path):
+        return
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".risda-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{flag} {path} is not writable ({e.strerror or e}); choose a folder you can write to") from None
+
+
 def best_trial(trials, metric: str = "val_error"):
     """The row with the lowest final `metric` among trials that ran all epochs (a trial ASHA
-    stopped early is not comparable); among all scored trials if none completed; None if none.
+    stopped early is not comparable, a failed one is not a result); None if there is none.
     Ties go to the lower best-epoch `metric`, then to the earlier trial (the enqueued paper
     point, if any), so the answer does not depend on the order Ray lists trials in."""
-    scored = trials[trials[f"final_{metric}"].notna()] if len(trials) else trials
-    if not len(scored):
+    if not len(trials):
         return None
-    done = scored[scored["completed"]]
-    pool = done if len(done) else scored
+    pool = trials[trials[f"final_{metric}"].notna() & trials["completed"] & (trials["status"] == "TERMINATED")]
+    if not len(pool):
+        return None
     return pool.sort_values([f"final_{metric}", f"best_{metric}", "started_at"], kind="stable").iloc[0]
 
 
 # --- progress and summary ------------------------------------------------------------------------
 class RichProgress(tune.Callback):
-    """A rich progress bar of finished trials and a line per finished trial, on the driver.
+    """On the driver: a rich bar of finished trials, each running trial's epoch beside it
+    (trials report every epoch, so it moves within a minute), and a line per finished trial.
 
     Tune pickles its callbacks with the experiment, so the rich objects are made lazily and
     dropped from the pickle."""
 
-    def __init__(self, total: int, metric: str = "val_error", params=()):
-        self.total, self.metric, self.params = total, metric, tuple(params)
+    def __init__(self, total: int, metric: str | None = "val_error", params=(), label: str = "trials"):
+        self.total, self.metric, self.params, self.label = total, metric, tuple(params), label
         self._bar = None
+        self._scores = {}  # trial_id -> last reported metric (reports between evaluations lack it)
 
     def __getstate__(self):
         return {**self.__dict__, "_bar": None}
@@ -388,9 +604,9 @@ class RichProgress(tune.Callback):
     def _progress(self):
         if self._bar is None:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-            self._bar = Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(),
+            self._bar = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[status]}"), TimeElapsedColumn())
-            self._task = self._bar.add_task("trials", total=self.total, status="")
+            self._task = self._bar.add_task(self.label, total=self.total, status="")
             self._bar.start()
         return self._bar
 
@@ -398,17 +614,21 @@ class RichProgress(tune.Callback):
         params = " ".join(f"{p}={_fmt(trial.config.get(p))}" for p in self.params)
         return f"{trial.trial_id} {params}".strip()
 
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.metric and result.get(self.metric) is not None:
+            self._scores[trial.trial_id] = result[self.metric]
+
     def on_step_end(self, iteration, trials, **info):
         finished = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-        running = sum(t.status == "RUNNING" for t in trials)
-        scores = [t.last_result.get(self.metric) for t in trials if t.last_result.get(self.metric) is not None]
-        best = f"  best {self.metric} {min(scores):.2f}" if scores else ""
-        self._progress().update(self._task, completed=finished, status=f"{running} running{best}")
+        running = [t for t in trials if t.status == "RUNNING"]
+        epochs = ", ".join(f"{t.trial_id[-5:]} ep {t.last_result.get('epochs_done', 0)}" for t in running[:6])
+        best = f"  best {self.metric} {min(self._scores.values()):.2f}" if self._scores else ""
+        self._progress().update(self._task, completed=finished, status=f"{len(running)} running: {epochs}{best}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result
-        self._progress().console.log(f"done   {self._describe(trial)}  {self.metric} {_fmt(r.get(self.metric))}  "
-                                     f"test {_fmt(r.get('test_error'))}  epochs {r.get('epochs_done', 0)}")
+        score = f"{self.metric} {_fmt(r.get(self.metric))}  test {_fmt(r.get('test_error'))}  " if self.metric else ""
+        self._progress().console.log(f"done   {self._describe(trial)}  {score}epochs {r.get('epochs_done', 0)}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         # Tune writes the error file after this call; Tune's log shows the traceback and

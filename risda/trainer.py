@@ -6,6 +6,7 @@ the loop below is the same for every arm.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from contextlib import nullcontext
@@ -14,20 +15,27 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_stage1_checkpoint, save_checkpoint
 from .config import Config
 from .data import LongTailData, load_long_tail
 from .evaluate import evaluate, shot_groups
+from .method import RISDAObjective, SharedStage1
 from .models import build_model
-from .objectives import make_objective
+from .objectives import DeferredReweighting, Objective
 from .progress import TrainProgress
+from .stage1 import stage1_key
 
-# on_epoch(record, checkpoint_path_or_None) is called after every evaluated or checkpointed epoch.
+# on_epoch(record, checkpoint_path_or_None) is called after every epoch.
 EpochCallback = Callable[[dict, "Path | None"], None]
+# A mean training loss above this is an explosion, not a result. Eq. 11's bound grows with the
+# within-class logit variance: ~1e3 after 3 epochs at lr 0.1 on ~300 images (a loose bound, not a
+# divergence; it stays put at stage II's lr), ~1e24 when something has really blown up.
+DIVERGED_LOSS = 1e4
+PROGRESS_EVERY = 20    # steps between the progress bar's loss readings (each one is a host sync)
 
 
 class DivergedError(RuntimeError):
-    """The training loss stopped being finite."""
+    """The training loss stopped being finite, or exploded."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -51,22 +59,72 @@ def epoch_generator(cfg: Config, epoch: int, device: torch.device) -> torch.Gene
     return torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch)
 
 
-def extract_features(model, split, batch_size, autocast):
-    """(features, logits, labels) over a split, eval mode, no augmentation, fp32."""
+def observe_generator(cfg: Config, epoch: int, device: torch.device) -> torch.Generator:
+    # The extra augmented passes of the reference variant draw from their own stream, so they
+    # leave the training batches (and a shared stage I) exactly as they would be without them.
+    return torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch + 500_000_000)
+
+
+def extract_features(model, split, batch_size, autocast, generator=None, batch_stats=False):
+    """(features, logits, labels) over a split, fp32, no gradients, the model left as it was.
+
+    Eval mode by default, with the training augmentation when a generator is given. With
+    batch_stats: plain images in shuffled batches (generator) through train-mode batch norm,
+    i.e. the features the training loss sees, without touching the running statistics."""
     was_training = model.training
-    model.eval()
+    model.train(batch_stats)
+    saved = batch_norm_buffers(model) if batch_stats else None
     feats, logits, labels = [], [], []
     with torch.no_grad(), autocast():
-        for x, y in split.batches(batch_size, train=False):
+        for x, y in split.batches(batch_size, train=generator is not None and not batch_stats, generator=generator,
+                                  shuffle=generator is not None):
             f, z = model(x)
             feats.append(f.float()), logits.append(z.float()), labels.append(y)
+    if saved is not None:
+        for buffer, value in saved:
+            buffer.copy_(value)
     model.train(was_training)
     return torch.cat(feats), torch.cat(logits), torch.cat(labels)
 
 
+def batch_norm_buffers(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(buffer, copy) of every batch-norm running statistic, to put back after a train-mode pass."""
+    return [(b, b.clone()) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            for b in m.buffers()]
+
+
+def make_objective(cfg: Config, class_counts: list[int], feature_dim: int, device: torch.device,
+                   stage1_only: bool = False, observe_reference: bool = False) -> Objective:
+    """The arm's objective; with stage1_only, the shared stage I that serves every arm but isda."""
+    if stage1_only:
+        return SharedStage1(cfg, class_counts, feature_dim, device, observe_reference)
+    if cfg.arm == "ce":
+        return Objective(cfg, class_counts, feature_dim, device)
+    if cfg.arm == "ce_drw":
+        return DeferredReweighting(cfg, class_counts, feature_dim, device)
+    return RISDAObjective(cfg, class_counts, feature_dim, device)
+
+
+def check_diverged(loss_sum: torch.Tensor, seen: int, cfg: Config, epoch: int, lr: float, out: Path) -> None:
+    """A mean loss that is not finite, or finite but exploded (a stage-II loss of 1e24 is not a
+    result), stops the run. One host sync per epoch."""
+    loss = (loss_sum / max(seen, 1)).item()
+    if math.isfinite(loss) and loss < DIVERGED_LOSS:
+        return
+    what = "became " + str(loss) if not math.isfinite(loss) else f"exploded to {loss:.3g} (> {DIVERGED_LOSS:g})"
+    raise DivergedError(
+        f"diverged: the mean training loss {what} at epoch {epoch} (lr {lr:g}, arm {cfg.arm}, alpha {cfg.alpha}, "
+        f"beta {cfg.beta}); lower --lr, --alpha or --beta. The last good checkpoint, if any, is {out / 'checkpoint.pt'}")
+
+
 def train(cfg: Config, on_epoch: EpochCallback | None = None, resume_from: Path | None = None,
-          data: LongTailData | None = None) -> dict:
-    """Train one run; writes <out>/summary.json, <out>/epochs.parquet, <out>/checkpoint.pt."""
+          data: LongTailData | None = None, stage1_from: Path | None = None,
+          stage1_only: bool = False, observe_reference: bool = False) -> dict:
+    """Train one run; writes <out>/summary.json, <out>/epochs.parquet, <out>/checkpoint.pt.
+
+    stage1_only: train stage I alone and stop; the last checkpoint is then the stage-I
+    checkpoint that risda.stage1 shares (CE, plus the reference variant's observations if
+    observe_reference). stage1_from: fork stage II from such a checkpoint (same stage-I key)."""
     cfg = cfg.validate().resolved()
     out = Path(cfg.out).expanduser().resolve()
     if resume_from is None and cfg.resume:
@@ -82,7 +140,7 @@ def train(cfg: Config, on_epoch: EpochCallback | None = None, resume_from: Path 
     model = build_model(cfg.model, data.num_classes).to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    objective = make_objective(cfg, data.class_counts, model.feature_dim, device)
+    objective = make_objective(cfg, data.class_counts, model.feature_dim, device, stage1_only, observe_reference)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
 
@@ -91,47 +149,61 @@ def train(cfg: Config, on_epoch: EpochCallback | None = None, resume_from: Path 
             return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    history, start_epoch, elapsed = [], 0, 0.0
+    history, start_epoch, elapsed, stage1_info = [], 0, 0.0, {}
     if resume_from is not None:
         state = load_checkpoint(resume_from, cfg)
+        objective.load_state_dict(state["objective"])
+    elif stage1_from is not None:
+        state = load_stage1_checkpoint(stage1_from, cfg)
+        objective.load_stage1(state["objective"])
+    if resume_from is not None or stage1_from is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        objective.load_state_dict(state["objective"])
         history, start_epoch, elapsed = state["history"], state["epoch"] + 1, state["elapsed"]
+        stage1_info = state.get("stage1_info", {})
+    if stage1_from is not None:  # stage-II time starts now; stage I's is reported beside it
+        stage1_info = dict(stage1_key=stage1_key(cfg), stage1_wall_time_s=elapsed, stage1_checkpoint=str(stage1_from))
+        elapsed = 0.0
+    last_epoch = cfg.stage1_epochs if stage1_only else cfg.epochs
 
-    def extract():
-        return extract_features(model, data.train, 2 * cfg.batch_size, autocast)
+    def extract(augment: bool = False, batch_stats: bool = False):
+        generator = observe_generator(cfg, epoch, device) if augment or batch_stats else None
+        size = cfg.batch_size if batch_stats else 2 * cfg.batch_size  # batch statistics as in training
+        return extract_features(model, data.train, size, autocast, generator, batch_stats)
 
-    progress = TrainProgress(cfg, len(data.train), enabled=cfg.progress)
+    progress = TrainProgress(cfg, len(data.train), last_epoch, start_epoch, enabled=cfg.progress)
     started = time.time() - elapsed
     with progress:
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(start_epoch, last_epoch):
+            epoch_started = time.time()
             lr = lr_at(cfg, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             objective.begin_epoch(epoch, model, extract)
             model.train()
-            loss_sum, correct, seen = 0.0, 0, 0
-            for x, y in data.train.batches(cfg.batch_size, train=True, generator=epoch_generator(cfg, epoch, device)):
+            # Loss and accuracy stay on the device; the host reads them once per epoch (and
+            # every PROGRESS_EVERY steps for the bar), never once per step.
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            seen = 0
+            for step, (x, y) in enumerate(data.train.batches(cfg.batch_size, train=True, generator=epoch_generator(cfg, epoch, device))):
                 x = x.contiguous(memory_format=memory_format)
                 with autocast():
                     features, logits = model(x)
                     loss = objective.loss(features, logits, y, model, epoch)
-                if not torch.isfinite(loss):
-                    raise DivergedError(
-                        f"loss became {loss.item()} at epoch {epoch} (lr {lr:g}, arm {cfg.arm}, alpha {cfg.alpha}, beta {cfg.beta}); "
-                        f"lower --lr, --alpha or --beta. The last good checkpoint, if any, is {out / 'checkpoint.pt'}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                loss_sum += loss.item() * len(y)
-                correct += (logits.argmax(1) == y).sum().item()
+                loss_sum += loss.detach() * len(y)
+                correct += (logits.detach().argmax(1) == y).sum()
                 seen += len(y)
-                progress.batch(len(y), loss.item())
-            objective.end_epoch(epoch)
+                progress.batch(len(y), loss_sum / seen if step % PROGRESS_EVERY == 0 else None)
+            check_diverged(loss_sum, seen, cfg, epoch, lr, out)
+            objective.end_epoch(epoch, model, extract)
 
             record = dict(epoch=epoch, stage=1 if epoch < cfg.stage1_epochs else 2, lr=lr,
-                          train_loss=loss_sum / seen, train_error=100 * (1 - correct / seen))
+                          train_loss=loss_sum.item() / seen, train_error=100 * (1 - correct.item() / seen),
+                          images_per_s=seen / max(time.time() - epoch_started, 1e-9))
             evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
             if evaluated:
                 record.update(evaluate(model, data.test, groups, autocast, prefix="test_"))
@@ -140,16 +212,20 @@ def train(cfg: Config, on_epoch: EpochCallback | None = None, resume_from: Path 
             record["wall_time_s"] = time.time() - started
             history.append(record)
             checkpoint = None
-            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == last_epoch:
                 checkpoint = out / "checkpoint.pt"
                 save_checkpoint(checkpoint, cfg, epoch=epoch, elapsed=record["wall_time_s"], history=history,
                                 model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                objective=objective.state_dict())
+                                objective=objective.state_dict(), stage1_info=stage1_info)
             progress.epoch_done(record)
-            if on_epoch is not None and (evaluated or checkpoint is not None):
+            if on_epoch is not None:
                 on_epoch(record, checkpoint)
 
+    if stage1_only:
+        return dict(stage1_key=stage1_key(cfg), checkpoint=str(out / "checkpoint.pt"), history=history,
+                    wall_time_s=time.time() - started, train_size=len(data.train))
     summary = summarize(cfg, data, history, device, time.time() - started)
+    summary.update(stage1_info)
     write_outputs(out, summary, history)
     return summary
 
@@ -174,6 +250,8 @@ def summarize(cfg: Config, data: LongTailData, history: list[dict], device, wall
         few_error_at_best_val=pick(best_val, "test_few_error"),
         # Model selection on the test set, as the authors' script reports; never for tuning.
         best_test_error=best_test["test_error"], best_test_epoch=best_test["epoch"],
+        best_test_many_error=best_test.get("test_many_error"), best_test_medium_error=best_test.get("test_medium_error"),
+        best_test_few_error=best_test.get("test_few_error"),
         epochs_run=len(history), wall_time_s=wall_time,
         images_per_s=data.info["train_size"] * len(history) / max(wall_time, 1e-9),
         seed=cfg.seed,

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from risda.ablation import (DATA_FIELDS, TABLE2, apply_overrides, expand, list_specs, load_spec, make_plan,
-                            parse_spec, read_best, table2)
-from risda.ablation_tables import (FAILED, METRICS, NOT_RUN, OK, PARTIAL, collate_runs, latex_table,
+                            parse_spec, published_rows, read_best, table2)
+from risda.ablation_tables import (FAILED, METRICS, NOT_RUN, OK, PARTIAL, SELECTIONS, collate_runs, latex_table,
                                    markdown_table, rich_tables, summarize_runs)
 from risda.config import ConfigError
 
@@ -170,6 +170,106 @@ def test_collation_keeps_failed_and_missing_cells_and_matches_pandas():
     assert "CIFAR-10-LT" in title and "CIFAR-100-LT" in caption
     assert "FAILED" in markdown_table(plan, all_failed, s2, "test_error")
     assert "\\toprule" in latex_table(plan, runs, summary, "test_error")
+
+
+# --- published numbers ------------------------------------------------------------------------
+def test_published_rows_name_their_method_and_source():
+    """Every published row of every bundled spec names its method and its source (paper and
+    table); a row matched to an arm is that method (docs/method.md's published numbers)."""
+    for name in list_specs():
+        spec = load_spec(name)
+        for ds, rows in spec.paper_numbers.items():
+            assert isinstance(rows, list)
+            for row in rows:
+                assert row["method"] and "Table" in row["source"] and row["errors"]
+    rows = {(r["method"], r["source"]): r for r in published_rows(load_spec("table5"), "cifar10lt")}
+    by_method = {m: r for (m, _), r in rows.items()}
+    # plain CE (ERM) on CIFAR-10-LT is the LDAM-DRW paper's; MetaSAug's rows are no arm of ours
+    ce = [r for r in rows.values() if r["arm"] == "ce"]
+    assert len(ce) == 1 and ce[0]["errors"] == {100.0: 29.64, 10.0: 13.61} and "LDAM-DRW paper" in ce[0]["source"]
+    assert by_method["LDAM-DRW"]["errors"] == {100.0: 22.97, 10.0: 11.84} and by_method["LDAM-DRW"]["arm"] is None
+    assert by_method["MetaSAug with CE"]["errors"] == {200.0: 23.11, 100.0: 19.46, 50.0: 15.97, 20.0: 12.36, 10.0: 10.56}
+    assert by_method["MetaSAug-LDAM"]["errors"] == {200.0: 22.65, 100.0: 19.34, 50.0: 15.66, 10.0: 10.32}
+    assert by_method["MetaSAug with CE"]["arm"] is None and by_method["MetaSAug-LDAM"]["arm"] is None
+    c100 = {r["arm"]: r for r in published_rows(load_spec("table5"), "cifar100lt")}
+    assert c100["ce"]["errors"][100.0] == 61.54 and c100["risda"]["errors"][200.0] == 55.24
+    assert c100["no_reasoning"]["errors"][10.0] == 38.43 and c100["no_reweight"]["note"]
+    assert c100[None]["method"] == "MetaSAug with CE" and c100[None]["errors"][100.0] == 53.13
+    assert [r["arm"] for r in published_rows(load_spec("variants"), "cifar100lt")] == ["risda"]
+
+
+def test_published_rows_without_a_source_are_refused():
+    base = {"grid": {"arm": ["ce"], "imbalance": [10]}}
+    with pytest.raises(ConfigError, match="not a list of published rows"):   # the old arm -> numbers table
+        parse_spec({**base, "paper": {"cifar10lt": {"ce": {"10": 10.56}}}}, "bad")
+    with pytest.raises(ConfigError, match="missing \\['source'\\]"):
+        parse_spec({**base, "paper": {"cifar10lt": [{"method": "CE", "errors": {"10": 13.61}}]}}, "bad")
+    with pytest.raises(ConfigError, match="unknown arm"):
+        parse_spec({**base, "paper": {"cifar10lt": [{"method": "CE", "source": "x, Table 1", "arm": "erm",
+                                                      "errors": {"10": 13.61}}]}}, "bad")
+    with pytest.raises(ConfigError, match="not a number"):
+        parse_spec({**base, "paper": {"cifar10lt": [{"method": "CE", "source": "x, Table 1", "errors": {"20": "–"}}]}}, "bad")
+    # a plan saved before rows had a method and source shows no published rows at all
+    legacy = plan_for("table5", grid={"arm": ["ce"], "imbalance": ["10"], "seed": ["0"]}, flags={"dataset": "cifar10lt"})
+    legacy["spec"]["paper_numbers"] = {"cifar10lt": {"source": "MetaSAug's table", "ce": {"10": 10.56}}}
+    runs = collate_runs(legacy, synthetic(legacy))
+    assert "published" not in markdown_table(legacy, runs, summarize_runs(runs, legacy), "test_error")
+
+
+def test_tables_show_each_published_row_with_its_label(tmp_path):
+    plan = plan_for("table5", grid={"arm": ["risda", "ce"], "imbalance": ["100", "10"], "seed": ["0"]},
+                    flags={"dataset": "cifar10lt"})
+    runs = collate_runs(plan, synthetic(plan))
+    summary = summarize_runs(runs, plan)
+    md = markdown_table(plan, runs, summary, "test_error")
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in md.splitlines() if line.startswith("| published")}
+    assert rows == {
+        "published: CE (ERM, plain cross-entropy) — LDAM-DRW paper (Cao et al., NeurIPS 2019), Table 2": ["29.64", "13.61 |"],
+        "published: LDAM-DRW — LDAM-DRW paper (Cao et al., NeurIPS 2019), Table 2": ["22.97", "11.84 |"],
+        "published: MetaSAug with CE — MetaSAug paper (Li et al., CVPR 2021), Table 1": ["19.46", "10.56 |"],
+        "published: MetaSAug-LDAM — MetaSAug paper (Li et al., CVPR 2021), Table 1": ["19.34", "10.32 |"]}
+    assert "published" in latex_table(plan, runs, summary, "test_error")
+    assert "published" not in markdown_table(plan, runs, summary, "few_error")   # overall errors only
+    (_, table, _), = rich_tables(plan, runs, summary, "best_test_error")
+    from rich.console import Console
+    console = Console(record=True, width=250)
+    console.print(table)
+    assert "published: MetaSAug with CE — MetaSAug paper (Li et al., CVPR 2021), Table 1" in console.export_text()
+    # without the ce arm, the published CE row is left out; the unmatched rows stay
+    only_risda = plan_for("table5", grid={"arm": ["risda"], "imbalance": ["100"], "seed": ["0"]}, flags={"dataset": "cifar10lt"})
+    r2 = collate_runs(only_risda, synthetic(only_risda))
+    md2 = markdown_table(only_risda, r2, summarize_runs(r2, only_risda), "test_error")
+    assert "published: CE" not in md2 and "published: MetaSAug with CE" in md2
+    from risda.ablation_figures import plot_study
+    assert plot_study(plan, runs, summary, "test_error", tmp_path / "f.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_group_errors_of_every_selection_are_collated_from_epochs():
+    """Each selection (last, best-val, best-test epoch) carries overall + many/medium/few into
+    runs and summary; a result without them is completed from the trial's epochs."""
+    assert {m for ms in SELECTIONS.values() for m in ms} <= set(METRICS)
+    plan = plan_for("table5", grid={"arm": ["risda"], "imbalance": ["100"], "seed": ["0", "1"]}, flags={"dataset": "cifar10lt"})
+    rng = random.Random(1)
+    epochs, trials = [], []
+    for i, c in enumerate(plan["cells"]):
+        for e in range(4):
+            epochs.append(dict(trial_id=f"t{i}", epoch=e, test_error=rng.uniform(20, 60), val_error=rng.uniform(20, 60),
+                               test_many_error=rng.uniform(0, 30), test_medium_error=rng.uniform(20, 60),
+                               test_few_error=rng.uniform(40, 90), device="cpu:x86_64", hostname="h"))
+        trials.append(dict(config=c["config"], status="TERMINATED", error=None, trial_id=f"t{i}",
+                           result=dict(test_error=epochs[-1]["test_error"], completed=True)))
+    epochs = pd.DataFrame(epochs)
+    runs = collate_runs(plan, trials, epochs=epochs)
+    for _, r in runs.iterrows():
+        e = epochs[epochs.trial_id == r.trial_id]
+        bt, bv, last = e.loc[e.test_error.idxmin()], e.loc[e.val_error.idxmin()], e.iloc[-1]
+        assert (r.best_test_error, r.best_test_many_error, r.best_test_medium_error, r.best_test_few_error) == \
+               (bt.test_error, bt.test_many_error, bt.test_medium_error, bt.test_few_error)
+        assert (r.test_error_at_best_val, r.few_error_at_best_val) == (bv.test_error, bv.test_few_error)
+        assert (r.many_error, r.device) == (last.test_many_error, "cpu:x86_64")
+    summary = summarize_runs(runs, plan)
+    assert summary.best_test_few_error_mean.iloc[0] == pytest.approx(runs.best_test_few_error.mean())
+    assert summary.best_test_few_error_count.iloc[0] == 2
 
 
 @pytest.mark.parametrize("name", ["table5", "fig4_alpha_beta", "fig5_head_count", "variants"])

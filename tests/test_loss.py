@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from risda.loss import augmented_cross_entropy, augmented_logits, class_balanced_weights
+from risda.loss import augmented_logits, class_balanced_weights
 from risda.stats import LowRank
 from test_graph import covariance_forms as graph_covariance_forms
 
@@ -72,7 +72,8 @@ def test_zero_strength_is_plain_cross_entropy():
     logits = features @ weight.T + bias
     torch.testing.assert_close(augmented_logits(logits, labels, weight, cov, mu_r, 0.0, 0.0), logits)
     torch.testing.assert_close(augmented_logits(logits, labels, weight, cov, None, 0.5, 0.0), logits)
-    loss = augmented_cross_entropy(logits, labels, weight, cov, mu_r, 0.0, 0.0, class_weights=torch.ones(5))
+    z = augmented_logits(logits, labels, weight, cov, mu_r, 0.0, 0.0)
+    loss = F.cross_entropy(z, labels, weight=torch.ones(5, dtype=z.dtype))  # the ρ-weighted CE of eq. 12, ρ = 1
     torch.testing.assert_close(loss, F.cross_entropy(logits, labels))
 
 
@@ -110,7 +111,7 @@ def test_gradients_reach_the_classifier_and_the_backbone():
     def loss_of(weight):
         features = backbone(x)
         logits = F.linear(features, weight, classifier.bias)
-        return augmented_cross_entropy(logits, labels, weight, cov_param, mu_param, 0.6, 0.9)
+        return F.cross_entropy(augmented_logits(logits, labels, weight, cov_param, mu_param, 0.6, 0.9), labels)
 
     assert torch.autograd.gradcheck(loss_of, (classifier.weight.detach().clone().requires_grad_(),))
     loss_of(classifier.weight).backward()

@@ -44,11 +44,11 @@ def batches(x, labels, epoch, size=10):
 
 
 def extractor(model, x, labels, calls=None):
-    def extract():
+    def extract(augment=False, batch_stats=False):
         if calls is not None:
             calls.append(1)
         was = model.training
-        model.eval()
+        model.train(batch_stats)
         with torch.no_grad():
             f, z = model(x)
         model.train(was)
@@ -117,6 +117,22 @@ def test_head_classes():
     assert head_classes(counts, 2, head_min_count=4).tolist() == [True, True, True, False, True, False]
 
 
+def test_head_count_defaults_to_20_percent_of_the_classes():
+    """Config.head_count None: 20% of the classes, at least 1 (a fixed 20 made every CIFAR-10 class head)."""
+    assert Config().head_count is None and Config().validate().head_count is None
+    cifar10 = [int(5000 * 0.01 ** (i / 9)) for i in range(10)]      # CIFAR-10-LT, λ=100
+    cifar100 = [int(500 * 0.01 ** (i / 99)) for i in range(100)]    # CIFAR-100-LT, λ=100
+    assert head_classes(cifar10, None).tolist() == [True, True] + [False] * 8
+    assert int(head_classes(cifar100, None).sum()) == 20 and head_classes(cifar100, None)[:20].all()
+    assert int(head_classes([3, 2, 1], None).sum()) == 1                # at least one
+    make = lambda counts, **kw: RISDAObjective(Config(arm="risda", epochs=EPOCHS, stage1_epochs=STAGE1, device="cpu", **kw)
+                                               .resolved(), counts, D, torch.device("cpu"))
+    assert int((~make(cifar10).tail).sum()) == 2 and int((~make(cifar100).tail).sum()) == 20
+    assert int((~make(cifar10, head_count=5).tail).sum()) == 5          # an explicit count still wins
+    with pytest.raises(ConfigError, match="head-count"):
+        Config(head_count=-1).validate()
+
+
 def test_head_and_tail_wiring():
     counts = [5, 12, 3, 8, 2]
     make = lambda **kw: RISDAObjective(config(**kw), counts, D, torch.device("cpu"))
@@ -137,7 +153,7 @@ def test_stage1_is_plain_ce_and_extract_runs_once():
             loss = obj.loss(f, z, yb, model, epoch)
             if epoch < STAGE1:
                 torch.testing.assert_close(loss, F.cross_entropy(z, yb))
-        obj.end_epoch(epoch)
+        obj.end_epoch(epoch, model, extract)
         assert len(calls) == (epoch >= STAGE1)
     assert obj.stats.count.tolist() == [3 * n for n in COUNTS]  # the pass, then two epochs of batches
 
@@ -273,7 +289,6 @@ def test_lowrank_warns_when_a_dense_graph_makes_the_factor_wider_than_d():
 def test_lowrank_with_a_scale_preset_from_the_command_line():
     """`--preset inat2018-r50 --covariance lowrank:16 --arm risda --graph-topk 3`, on a tiny model."""
     import argparse
-    pytest.importorskip("risda.presets")
     from risda.config import add_config_args, config_overrides
     parser = argparse.ArgumentParser()
     add_config_args(parser)
@@ -292,38 +307,48 @@ def test_lowrank_with_a_scale_preset_from_the_command_line():
 
 
 def test_reference_variant():
-    """Behaviours 1-5: ε from the best stage-I training epoch (rounded), prototypes from the last
-    stage-I epoch's training features, displacement δ for every class, 2α, Σ_tail ← ε[tail] @ Σ
-    written back into an estimator started empty, head = the first head_count indices, 1/N."""
+    """Behaviours 1-5: ε from the stage-I epoch whose pass over the training set (after the epoch)
+    is the most accurate (rounded in float64), prototypes from the last stage-I epoch's pass,
+    displacement δ for every class, 2α, Σ_tail ← ε[tail] @ Σ written back into an estimator
+    started empty, head = the first head_count indices, 1/N."""
     model, (x, labels) = Tiny(), dataset()
     obj = objective(variant="reference", head_count=1)
     accuracy, graphs, last_features = [], [], None
     for epoch in range(STAGE1):
         torch.manual_seed(epoch)  # a different classifier every epoch, so the best epoch matters
         nn.init.normal_(model.classifier.weight)
-        obj.begin_epoch(epoch, model, lambda: pytest.fail("no extract() in stage I"))
-        preds, ys, feats = [], [], []
+        obj.begin_epoch(epoch, model, lambda **kw: pytest.fail("no extract() at the start of a stage-I epoch"))
         for xb, yb in batches(x, labels, epoch):
             f, z = model(xb)
-            obj.loss(f, z, yb, model, epoch)
-            preds.append(z.argmax(1).numpy()), ys.append(yb.numpy()), feats.append(f.detach().double().numpy())
-        obj.end_epoch(epoch)
-        p, y = np.concatenate(preds), np.concatenate(ys)
+            torch.testing.assert_close(obj.loss(f, z, yb, model, epoch), F.cross_entropy(z, yb))
+        asked = []
+
+        def observe(augment=False, batch_stats=False):
+            asked.append(augment)
+            with torch.no_grad():
+                f, z = model(x)
+            return f, z, labels
+        obj.end_epoch(epoch, model, observe)
+        assert asked == [True]  # one augmented pass after every stage-I epoch
+        with torch.no_grad():
+            f, z = model(x)
+        p, y = z.argmax(1).numpy(), labels.numpy()
         accuracy.append((p == y).mean()), graphs.append(np.round(np_graph(p, y), 2))
-        last_features = (np.concatenate(feats), y)
+        last_features = (f.double().numpy(), y)
     best = int(np.argmax(accuracy))  # first of the best
+    assert len(set(accuracy)) > 1, "the test needs epochs of different accuracy"
     eps = graphs[best]
-    np.testing.assert_allclose(obj.best_graph.numpy(), eps, atol=1e-6)
+    np.testing.assert_allclose(obj.observations.graph.numpy(), eps, atol=1e-6)
     fl, yl = last_features
     mu = np.stack([fl[yl == c].mean(0) for c in range(C)])
     delta = eps @ mu - mu
 
-    obj.begin_epoch(STAGE1, model, lambda: pytest.fail("the reference variant observes, it does not extract"))
+    obj.begin_epoch(STAGE1, model, lambda **kw: pytest.fail("the reference variant observes, it does not extract"))
     tail = list(range(1, C))
     sigma, mean, count = np.zeros((C, D, D)), np.zeros((C, D)), np.zeros(C)
     for step, (xb, yb) in enumerate(batches(x, labels, STAGE1)[:2]):
         epoch = STAGE1 + step  # α changes between the two steps, so the shifted means matter
-        obj.begin_epoch(epoch, model, lambda: pytest.fail("prepared once"))
+        obj.begin_epoch(epoch, model, lambda **kw: pytest.fail("prepared once"))
         f, z = model(xb)
         loss = obj.loss(f, z, yb, model, epoch)
         t = epoch / EPOCHS
@@ -356,7 +381,7 @@ def train(epochs, model, opt, obj, x, labels):
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        obj.end_epoch(epoch)
+        obj.end_epoch(epoch, model, extract)
     return losses
 
 
@@ -395,14 +420,18 @@ def test_missing_state_after_resume_prepares_again():
 
 
 def test_bf16_autocast_keeps_statistics_and_loss_in_fp32():
+    """Under bf16 autocast the objective gives, bit for bit, what it gives without autocast
+    for the same bf16 features and logits: statistics, reasoning and loss run in fp32."""
     model, (x, labels) = Tiny(), dataset()
-    obj = objective()
-    obj.begin_epoch(STAGE1, model, extractor(model, x, labels))
+    obj, fp32 = objective(), objective()
+    for o in (obj, fp32):
+        o.begin_epoch(STAGE1, model, extractor(model, x, labels))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         f, z = model(x)
-        assert z.dtype == torch.bfloat16
+        assert z.dtype == torch.bfloat16  # the model itself did run in bf16
         loss = obj.loss(f, z, labels, model, STAGE1 + 1)
-    assert loss.dtype == torch.float32 and torch.isfinite(loss)
-    assert obj.stats.cov.dtype == torch.float32
-    loss.backward()
-    assert model.classifier.weight.grad.dtype == torch.float32
+    expected = fp32.loss(f.float(), z.float(), labels, model, STAGE1 + 1)
+    assert torch.isfinite(loss) and torch.equal(loss, expected)
+    assert torch.equal(obj.stats.cov, fp32.stats.cov) and torch.equal(obj.stats.mean, fp32.stats.mean)
+    grad, = torch.autograd.grad(loss, model.classifier.weight, retain_graph=True)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected, model.classifier.weight)[0])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,12 +12,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import ray
 
-ray = pytest.importorskip("ray")
-pytest.importorskip("optuna")
-
-from risda import raytune  # noqa: E402
-from risda.config import Config  # noqa: E402
+from risda import raytune
+from risda.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
 SEARCH_PY = REPO / "tune" / "search.py"
@@ -135,7 +132,7 @@ def test_flags_fix_what_the_space_searches_and_validation_is_mandatory(cifar10_r
 def test_search_writes_outputs_with_a_failed_trial(cifar10_root, tmp_path, local_ray):
     name = "e2e"
     rc = search.main(tiny_argv(cifar10_root, tmp_path, name), trainable=failing_on_paper_point)
-    assert rc == 0
+    assert rc == 1  # one of the four trials failed: not a success
     trials, epochs, best = read_outputs(tmp_path, name)
     assert len(trials) == 4 and trials["trial_id"].is_unique
     # the searched values lie in the space
@@ -150,11 +147,17 @@ def test_search_writes_outputs_with_a_failed_trial(cifar10_root, tmp_path, local
     assert ok["final_val_error"].between(0, 100).all() and ok["final_test_error"].between(0, 100).all()
     assert ok["device"].str.startswith("cpu").all() and (ok["seed"] == 0).all() and (ok["subset_seed"] == 0).all()
     assert (trials["search_seed"] == 0).all()
-    # one row per trial per evaluated epoch
-    assert len(epochs) == 3 * 2 and set(epochs["trial_id"]) == set(ok["trial_id"])
+    # stage I was trained once, in its own experiment, and every trial forked stage II from it
+    stage1 = pd.read_parquet(tmp_path / "results" / name / "stage1.parquet")
+    assert len(stage1) == 1 and stage1["trained_now"].all() and (stage1["status"] == "ok").all()
+    assert (ok["stage1_key"] == stage1["stage1_key"].iloc[0]).all() and ok["stage1_wall_time_s"].notna().all()
+    assert len(list((tmp_path / "ray" / f"{name}-stage1").glob("train_stage1_trial_*"))) == 1
+    # one row per trial per stage-II epoch (the stage-I epochs are the shared stage I's)
+    assert len(epochs) == 3 * 1 and set(epochs["trial_id"]) == set(ok["trial_id"])
     assert {"val_error", "test_error", "test_many_error", "test_few_error", "epoch"} <= set(epochs.columns)
     # best.json: the lowest final validation error, a config the trainer accepts
     assert best["value"] == ok["final_val_error"].min() and best["trial_id"] in set(ok["trial_id"])
+    assert (best["trials_completed"], best["trials_failed"], best["trials_requested"]) == (3, 1, 4)
     cfg = Config.from_dict(best["config"]).validate()
     assert (cfg.alpha, cfg.beta, cfg.head_count) == tuple(best["params"][k] for k in ("alpha", "beta", "head_count"))
     assert cfg.val_per_class == 10 and cfg.arm == "risda"
@@ -186,7 +189,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(cifar10_ro
                         if any(json.loads(line).get("done") for line in p.read_text().splitlines() if line.strip())]
         assert finished, "no trial finished before the deadline:\n" + (tmp_path / "interrupted.log").read_text()[-3000:]
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+        assert proc.wait(timeout=120) == 130, (tmp_path / "interrupted.log").read_text()[-3000:]  # interrupted, not a success
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -197,7 +200,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(cifar10_ro
     assert len(trials) == 2 and (trials["status"] == "TERMINATED").all() and trials["completed"].all()
     for t in finished:  # the finished trial was not run again: its reports are unchanged
         assert (experiment / t / "result.json").read_text() == results_before[t]
-    assert len(epochs) == 2 * 2 and not epochs.duplicated(["trial_id", "epoch"]).any()
+    assert len(epochs) == 2 * 1 and not epochs.duplicated(["trial_id", "epoch"]).any()  # stage-II epochs
     assert len(list(experiment.glob("train_trial_*"))) == 2
 
     # other settings under the same name are refused instead of silently ignored

@@ -24,9 +24,11 @@ def long_tail_batches(seed=0):
 def test_online_matches_numpy(chunk_elements):
     features, labels, counts, batches = long_tail_batches()
     stats = ClassStatistics(C, D, chunk_elements=chunk_elements)
+    as_fp32 = ClassStatistics(C, D, chunk_elements=chunk_elements)
     for x, y in batches:
-        stats.update(x.double(), y)  # any input precision is cast to fp32
-    assert stats.cov.dtype == torch.float32 and stats.mean.dtype == torch.float32
+        stats.update(x.double(), y)  # any input precision is cast to fp32 before the merge,
+        as_fp32.update(x.float(), y)
+    assert torch.equal(stats.cov, as_fp32.cov) and torch.equal(stats.mean, as_fp32.mean)  # so fp64 changes no bit
     assert stats.count.tolist() == counts
     unbiased, biased = stats.covariance(unbiased=True), stats.covariance(unbiased=False)
     for c, n in enumerate(counts):
@@ -149,12 +151,24 @@ def test_initialise_subset_and_state_dict():
     assert restored.count.tolist() == counts
 
 
-def test_bf16_features_are_stored_fp32_and_detached():
-    x = torch.randn(8, D, requires_grad=True)
-    stats = ClassStatistics(C, D)
+@pytest.mark.parametrize("covariance", ["full", "diag", "lowrank:2"])
+def test_bf16_features_under_autocast_are_merged_in_fp32_and_detached(covariance):
+    """The merge ignores an active bf16 autocast: chunk_elements=1 takes the path of batched
+    matmuls, which autocast would run in bf16, and the result must equal an fp32 merge of the
+    same (bf16-rounded) features bit for bit."""
+    x = torch.randn(16, D, requires_grad=True)
+    y = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2] * 2)
+    stats = ClassStatistics(C, D, covariance=covariance, chunk_elements=1)
+    reference = ClassStatistics(C, D, covariance=covariance, chunk_elements=1)
+    halves = [(x[:8] * 1).to(torch.bfloat16), (x[8:] * 3 + 1).to(torch.bfloat16)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        stats.update((x * 1).to(torch.bfloat16), torch.tensor([0, 0, 1, 1, 1, 2, 2, 2]))
-    assert stats.cov.dtype == torch.float32 and not stats.cov.requires_grad
+        for xb in halves:
+            stats.update(xb, y[:8])
+    for xb in halves:
+        reference.update(xb.detach().float(), y[:8])
+    for name, t in stats.tensors().items():
+        assert torch.equal(t, reference.tensors()[name]), name
+        assert not t.requires_grad, name
 
 
 def test_class_means():

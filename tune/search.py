@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a fresh clone wi
 
 from risda import raytune  # noqa: E402
 from risda.checkpoint import RESUMABLE_CHANGES  # noqa: E402
-from risda.config import Config, ConfigError, add_config_args, config_overrides  # noqa: E402
+from risda.config import Config, ConfigError, add_config_args, config_overrides, parse_field  # noqa: E402
 
 METRIC, MODE = "val_error", "min"
 # The paper's ranges on CIFAR-100-LT (Fig. 4, Fig. 5). head_count is a share of the classes:
@@ -65,10 +65,8 @@ def field_type(name: str) -> type:
 
 
 def parse_value(name: str, text: str):
-    tp = field_type(name)
-    if tp is bool:
-        return text.strip().lower() in ("1", "true", "yes", "on")
-    return tp(text.strip())
+    """A --space choice in its field's type: risda.config.parse_field ('flase' is an error, 'none' is None)."""
+    return parse_field(name, text)
 
 
 def parse_space(text: str) -> dict[str, str]:
@@ -106,6 +104,8 @@ def optuna_distribution(name: str, spec: str):
         if field_type(name) is int:
             return IntDistribution(int(lo), int(hi), log=bool(log))
         return FloatDistribution(float(lo), float(hi), log=bool(log))
+    except ConfigError as e:  # a choice that is not a value of the field (nesterov=true|flase)
+        raise ConfigError(f"--space {name}={spec}: {e}") from None
     except ValueError:
         raise ConfigError(f"--space {name}={spec}: expected lo:hi, lo:hi:log (numeric fields) or a|b|c "
                           f"of {field_type(name).__name__} values (low <= high, log needs low > 0)") from None
@@ -158,25 +158,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run the paper's Table 2 point for --imbalance as the first trial (default: on)")
     s.add_argument("--scheduler", choices=("asha", "none"), default="asha", help="early stopping (default: asha)")
     s.add_argument("--grace-period", type=int, default=None,
-                   help="ASHA: epochs before a trial can be stopped (default: the first evaluated epoch of stage II; "
-                        "stage I does not depend on the searched parameters)")
+                   help="ASHA: stage-II epochs before a trial can be stopped (default: the first evaluated epoch of "
+                        "stage II; ASHA's time axis and budget count stage-II epochs)")
     s.add_argument("--max-concurrent", type=int, default=4, help="trials running at once, 0 = as many as fit (default: 4)")
     s.add_argument("--optuna-storage", default=None, help="persist the Optuna study: sqlite:///study.db (any SQLAlchemy URL) "
                                                           "or a journal file path, for optuna-dashboard and friends")
-    w = p.add_argument_group("where it runs")
-    w.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded local Ray)")
-    w.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray (default: all)")
-    w.add_argument("--num-gpus", type=int, default=None, help="GPUs of the embedded local Ray (default: all)")
-    w.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs per trial (default: 1)")
-    w.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per trial, fractions pack trials on a GPU (default: 0)")
-    w.add_argument("--max-failures", type=int, default=0, help="retries of a failed trial from its last checkpoint (default: 0)")
-    w.add_argument("--storage", default=None, help=f"Ray experiment storage: a path or a URI pyarrow understands "
-                                                   f"(s3://, gs://; shared by all nodes) (default: ./{raytune.LOCAL_STORAGE})")
-    w.add_argument("--name", default=None, help="experiment name (default: search-<dataset>-<arm>-lt<imbalance>)")
-    w.add_argument("--results", default="results", help="tables go to <results>/<name>/ (default: results)")
-    w.add_argument("--restart", action="store_true", help="delete the experiment of this name and start over")
-    w.add_argument("--retry-errored", action="store_true", help="on resume, also continue the trials that failed, from "
-                                                                "their last checkpoint (e.g. after a crash killed them)")
+    raytune.add_runner_args(p, default_name="search-<dataset>-<arm>-lt<imbalance>")
     add_config_args(p, skip=TRIAL_MANAGED)
     return p.parse_args(argv)
 
@@ -221,11 +208,11 @@ def default_name(cfg: Config) -> str:
 
 
 def default_grace_period(cfg: Config) -> int:
-    """The first evaluated epoch of stage II: α, β and head_count act only in stage II, so
-    before it every trial is the same run and ASHA would compare noise."""
+    """The first evaluated epoch of stage II, in stage-II epochs: α, β and head_count act only
+    in stage II, so before it every trial is the same run and ASHA would compare noise."""
     c = cfg.resolved()
     first = next(e + 1 for e in range(c.stage1_epochs, c.epochs) if (e + 1) % c.eval_every == 0 or e + 1 == c.epochs)
-    return min(first, c.epochs)
+    return first - c.stage1_epochs
 
 
 def optuna_storage(spec: str | None):
@@ -265,10 +252,9 @@ def fresh_study(storage, name: str, restart: bool) -> None:
 def make_search_alg(space: dict, args, cfg: Config, storage, name: str, point: dict | None):
     import optuna
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
     # TPE starts with random trials (Optuna's default: 10); with a small budget, half of it.
     sampler = optuna.samplers.TPESampler(seed=args.search_seed, n_startup_trials=min(10, max(1, args.num_samples // 2)))
-    searcher = OptunaSearch(space={k: optuna_distribution(k, v) for k, v in space.items()}, metric=METRIC, mode=MODE,
+    searcher = raytune.EvaluatedOptunaSearch(space={k: optuna_distribution(k, v) for k, v in space.items()}, metric=METRIC, mode=MODE,
                             points_to_evaluate=[point] if point else None, sampler=sampler,
                             storage=storage, study_name=name)
     return ConcurrencyLimiter(searcher, max_concurrent=args.max_concurrent) if args.max_concurrent > 0 else searcher
@@ -279,10 +265,12 @@ def make_scheduler(args, cfg: Config):
         return None
     from ray.tune.schedulers import ASHAScheduler
     grace = args.grace_period or default_grace_period(cfg)
-    if not 1 <= grace <= cfg.epochs:
-        raise ConfigError(f"--grace-period must be in [1, epochs={cfg.epochs}], got {grace}")
-    # ASHA counts epochs, not reports: one report per evaluated epoch.
-    return ASHAScheduler(time_attr="epochs_done", max_t=cfg.epochs, grace_period=grace)
+    stage2 = cfg.epochs - cfg.resolved().stage1_epochs
+    if not 1 <= grace <= stage2:
+        raise ConfigError(f"--grace-period must be in [1, {stage2}] (stage-II epochs), got {grace}")
+    # Stage-II epochs, the only ones in which trials differ; ASHA skips the reports between
+    # evaluations (they carry no val_error).
+    return ASHAScheduler(time_attr="stage2_epochs_done", max_t=stage2, grace_period=grace)
 
 
 def experiment_identity(cfg: Config, space: dict, args) -> dict:
@@ -292,7 +280,7 @@ def experiment_identity(cfg: Config, space: dict, args) -> dict:
     return dict(config=config, space=space, metric=METRIC, num_samples=args.num_samples, search_seed=args.search_seed,
                 enqueue_paper=args.enqueue_paper, scheduler=args.scheduler, grace_period=args.grace_period,
                 max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial,
-                gpus_per_trial=args.gpus_per_trial, max_failures=args.max_failures)
+                gpus_per_trial=args.gpus_per_trial, max_failures=args.max_failures, shared_stage1=args.shared_stage1)
 
 
 def check_same_experiment(path: str, identity: dict) -> None:
@@ -310,25 +298,55 @@ def check_same_experiment(path: str, identity: dict) -> None:
                           f"or pick another --name")
 
 
+def stage1_configs(cfg: Config, space: dict, args, console) -> list[Config] | None:
+    """The base configs whose stage Is the trials will fork, or None for independent trials.
+
+    The searched names normally act in stage II only: one stage I serves every trial. A searched
+    stage-I field with a few choices (seed=0|1|2) means one stage I per choice; a continuous one
+    means a new stage I per trial, which sharing cannot save: then every trial trains its own."""
+    import itertools
+    from risda.stage1 import BOOKKEEPING_FIELDS, STAGE2_FIELDS, shares_stage1
+    if not args.shared_stage1 or not shares_stage1(cfg):
+        return None
+    stage1_names = [k for k in space if k not in STAGE2_FIELDS | BOOKKEEPING_FIELDS]
+    dists = {k: optuna_distribution(k, space[k]) for k in stage1_names}
+    continuous = [k for k, d in dists.items() if not hasattr(d, "choices")]
+    if continuous:
+        console.log(f"note: {', '.join(continuous)} change stage I and are searched over a range: every trial "
+                    f"trains its own stage I (sharing saves nothing there)")
+        return None
+    choices = [[(k, v) for v in d.choices] for k, d in dists.items()]
+    return [Config(**{**cfg.to_dict(), **dict(combo)}) for combo in itertools.product(*choices)]
+
+
 # --- outputs ---------------------------------------------------------------------------------------
-def write_results(grid, out: Path, params: list[str], info: dict) -> tuple:
-    """trials.parquet, epochs.parquet and best.json in `out`; returns (trials, best row)."""
+def write_results(grid, out: Path, params: list[str], info: dict, stage1=None) -> tuple:
+    """trials.parquet, epochs.parquet, stage1.parquet and best.json in `out`; returns
+    (trials, best row). best.json comes only from a trial that ran all its epochs, and says how
+    many did; with none, an earlier best.json is removed rather than left looking current."""
     trials, epochs = raytune.collate(grid, metric=METRIC, params=params)
     for k in ("search_seed", "experiment"):
         trials[k] = info[k]
     raytune.write_parquet(trials, out / "trials.parquet")
     raytune.write_parquet(epochs, out / "epochs.parquet")
+    if stage1 is not None:
+        raytune.write_parquet(stage1, out / "stage1.parquet")
     best = raytune.best_trial(trials, METRIC)
-    if best is not None:
-        best_json = {
-            "config": json.loads(best["config"]), "params": {p: _plain(best[p]) for p in params},
-            "metric": METRIC, "value": _plain(best[f"final_{METRIC}"]), "completed": bool(best["completed"]),
-            "trial_id": best["trial_id"], "test_error": _plain(best["final_test_error"]),
-            **{f"test_{g}_error": _plain(best[f"final_test_{g}_error"]) for g in ("many", "medium", "few")},
-            **info}
-        tmp = out / "best.json.tmp"
-        tmp.write_text(json.dumps(best_json, indent=2))
-        tmp.replace(out / "best.json")
+    best_path = out / "best.json"
+    if best is None:
+        best_path.unlink(missing_ok=True)
+        return trials, None
+    ok = trials[trials["completed"] & (trials["status"] == "TERMINATED")]
+    best_json = {
+        "config": json.loads(best["config"]), "params": {p: _plain(best[p]) for p in params},
+        "metric": METRIC, "value": _plain(best[f"final_{METRIC}"]), "completed": True,
+        "trial_id": best["trial_id"], "test_error": _plain(best["final_test_error"]),
+        **{f"test_{g}_error": _plain(best[f"final_test_{g}_error"]) for g in ("many", "medium", "few")},
+        "trials_completed": int(len(ok)), "trials_requested": info["num_samples"],
+        "trials_failed": int((trials["status"] == "ERROR").sum()), **info}
+    tmp = out / "best.json.tmp"
+    tmp.write_text(json.dumps(best_json, indent=2))
+    tmp.replace(best_path)
     return trials, best
 
 
@@ -341,12 +359,18 @@ def _plain(v):
 
 # --- main ------------------------------------------------------------------------------------------
 def main(argv=None, trainable=None) -> int:
-    """Run (or resume) the search; `trainable` replaces raytune.train_trial (tests only)."""
+    """Run (or resume) the search; `trainable` replaces raytune.train_trial (tests only).
+
+    Exit codes: 0 every requested trial finished (ran its epochs, or ASHA stopped it); 1 some
+    failed or are unfinished (the message says how many); 2 bad input; 130 interrupted (the
+    state is saved: rerun the same command)."""
     from rich.console import Console
     from ray import tune
     console = Console(stderr=True)
     # Tune warns when checkpoints force frequent state snapshots: they are what make resuming exact.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Trials report every epoch; the metric only on evaluated ones.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     args = parse_args(argv)
     owns_ray = False
     started = time.time()
@@ -365,21 +389,31 @@ def main(argv=None, trainable=None) -> int:
         storage = raytune.storage_uri(args.storage)
         path = raytune.experiment_uri(storage, name)
         out = Path(args.results).expanduser().resolve() / name
+        raytune.check_writable(out, "--results")
+        raytune.check_writable(storage, "--storage")
         params = list(space)
         identity = experiment_identity(cfg, space, args)
         if not args.restart and tune.Tuner.can_restore(path):
             check_same_experiment(path, identity)
+        shared = stage1_configs(cfg, space, args, console)
+        cache_root = raytune.stage1_cache_root(args.stage1_cache, storage) if shared else None
+        make_scheduler(args, cfg)  # a bad --grace-period fails before Ray starts
         owns_ray = raytune.init_ray(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                                     logging_level="warning")
         resources = raytune.trial_resources(args.cpus_per_trial, args.gpus_per_trial)
         console.log(f"ray: {raytune.cluster_summary()}; per trial {resources}")
+        stage1 = None
+        if shared:
+            stage1 = raytune.ensure_stage1(shared, cache_root, storage, name, resources, args.max_failures)
+            console.log(raytune.describe_stage1(stage1))
         train = tune.with_resources(trainable or raytune.train_trial, resources)
         study_storage = optuna_storage(args.optuna_storage)
+        param_space = {**cfg.to_dict(), **({raytune.STAGE1_CACHE_KEY: cache_root} if cache_root else {})}
 
         def new_tuner():
             fresh_study(study_storage, name, args.restart)
             return tune.Tuner(
-                train, param_space=cfg.to_dict(),
+                train, param_space=param_space,
                 tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=args.num_samples,
                                             search_alg=make_search_alg(space, args, cfg, study_storage, name, point),
                                             scheduler=make_scheduler(args, cfg),
@@ -398,29 +432,29 @@ def main(argv=None, trainable=None) -> int:
                     + ", ".join(f"{k}={v}" for k, v in space.items())
                     + (f"; first trial: paper Table 2 point {point}" if point and not restored else ""))
         grid = tuner.fit()
-        trials, best = write_results(grid, out, params, dict(search_seed=args.search_seed, experiment=path, name=name))
-    except ConfigError as e:
+        trials, best = write_results(grid, out, params, dict(search_seed=args.search_seed, experiment=path, name=name,
+                                                             num_samples=args.num_samples), stage1)
+    except raytune.Stage1Interrupted as e:
+        console.print(f"[yellow]interrupted:[/yellow] {e}")
+        return 130
+    except (ConfigError, raytune.Stage1Failed) as e:
         console.print(f"[red]error:[/red] {e}")
-        return 2
+        return 2 if isinstance(e, ConfigError) else 1
     finally:
         if owns_ray:
             import ray
             ray.shutdown()
     raytune.print_top(trials, METRIC, params, title=f"{name}: top trials by final {METRIC}")
-    unfinished = trials[~trials["status"].isin(["TERMINATED", "ERROR"])]
-    if len(unfinished):
-        console.print(f"[yellow]{len(unfinished)} trial(s) unfinished: rerun the same command to resume[/yellow]")
-    errored = trials[trials["status"] == "ERROR"]
-    if len(errored):
-        console.print(f"[yellow]{len(errored)} trial(s) failed: if a crash killed them, rerun with --retry-errored "
-                      f"to continue them from their last checkpoint[/yellow]")
+    outcome = raytune.Outcome.of(trials, args.num_samples)
     if best is not None:
         shown = ", ".join(f"{p}={v:.4g}" if isinstance(v, float) else f"{p}={v}" for p, v in ((p, _plain(best[p])) for p in params))
-        console.print(f"best: {shown}  {METRIC} {best[f'final_{METRIC}']:.2f}  "
+        console.print(f"best of {outcome.done} finished trial(s): {shown}  {METRIC} {best[f'final_{METRIC}']:.2f}  "
                       f"test {best['final_test_error']:.2f}  -> {out / 'best.json'}")
-    console.print(f"wrote {out}/trials.parquet, epochs.parquet{', best.json' if best is not None else ''} "
-                  f"({len(trials)} trials, {time.time() - started:.0f}s)")
-    return 0 if best is not None else 1
+    else:
+        console.print("[red]no trial ran all its epochs: no best.json[/red]")
+    console.print(f"wrote {out}/trials.parquet, epochs.parquet{', stage1.parquet' if stage1 is not None else ''}"
+                  f"{', best.json' if best is not None else ''} ({len(trials)} trials, {time.time() - started:.0f}s)")
+    return outcome.report(console, retry_hint=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,491 @@
+"""A reproduction report: one Markdown page from an ablation's outputs.
+
+    python ablations/report.py --results results/table5 [--out results/REPRODUCTION.md] [--command "..."]
+
+Reads what `ablations/run.py` wrote into results/<name>/ (plan.json, runs.parquet,
+summary.parquet, figure.png, and epochs.parquet if there) and writes: the machine, the code
+commit (and whether the tree was dirty), the exact command(s), the wall time, the protocol,
+then per imbalance factor a table with one row per arm (and variant) of three test errors,
+each overall and on the many/medium/few-shot groups:
+
+(a) at the last epoch; (b) at the best-validation epoch; (c) at the best-test epoch, what
+the literature reports (model selection on test, never used for any choice).
+
+With several seeds a cell is mean ± std (sample) over the seeds that finished, with n.
+Published numbers sit beside each table, labelled with their method and source. Cells that
+failed or did not run are shown as such, never dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from .ablation import (ARM_LABELS, DATASET_LABELS, NUM_CLASSES, axis_label, coerce, published_rows,
+                       value_label)
+from .ablation_tables import (FAILED, METRICS, NOT_RUN, OK, SELECTIONS, failure_lines, fill_from_epochs,
+                              group_axes, summarize_runs)
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = "REPRODUCTION.md"   # beside the results folder: results/REPRODUCTION.md
+
+SELECTION_LABELS = {"last": "(a) last epoch", "best_val": "(b) best-val epoch", "best_test": "(c) best-test epoch"}
+SELECTION_NOTES = {
+    "last": "the test error after the last epoch: no selection at all",
+    "best_val": "the test error at the evaluated epoch with the lowest error on the balanced validation split "
+                "(held out of the training pool); n/a when the run had none (--val-per-class 0)",
+    "best_test": "what the literature reports (model selection on test, never used for any choice): "
+                 "the lowest test error over the evaluated epochs, and the groups' errors at that same epoch",
+}
+GROUPS = ("all", "many", "medium", "few")
+ROW_AXES = ("arm", "variant")
+
+
+# --- reading the outputs ------------------------------------------------------------------
+@dataclass
+class Outputs:
+    results: Path
+    plan: dict
+    runs: pd.DataFrame
+    summary: pd.DataFrame
+    figure: Path | None = None
+    notes: list[str] = field(default_factory=list)   # how the tables were obtained
+
+
+def load_outputs(results: str | Path) -> Outputs:
+    """plan, runs and summary of an ablation. Metrics that runs.parquet lacks are read from
+    epochs.parquet (by trial_id) when it is there; the summary is then recomputed from the
+    runs (as ablations/run.py computes it), and also when summary.parquet lacks a column."""
+    results = Path(results).expanduser()
+    missing = [f for f in ("plan.json", "runs.parquet") if not (results / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{results}: no {' or '.join(missing)}; pass the folder an ablation wrote "
+                                "(python ablations/run.py writes results/<name>/)")
+    plan = json.loads((results / "plan.json").read_text())
+    runs = pd.read_parquet(results / "runs.parquet")
+    notes = []
+    for m in METRICS:
+        if m not in runs:
+            runs[m] = math.nan
+    epochs_path = results / "epochs.parquet"
+    if epochs_path.is_file():
+        before = runs[list(METRICS)].notna().sum()
+        runs = fill_from_epochs(runs, pd.read_parquet(epochs_path))
+        filled = [m for m in METRICS if runs[m].notna().sum() > before[m]]
+        if filled:
+            notes.append(f"{', '.join(filled)}: not in runs.parquet, read from the trials' epochs in epochs.parquet")
+    summary_path = results / "summary.parquet"
+    summary = pd.read_parquet(summary_path) if summary_path.is_file() else None
+    needed = [f"{m}_{s}" for m in METRICS for s in ("mean", "std", "count")]
+    if summary is None or notes or any(c not in summary for c in needed):
+        why = ("there is no summary.parquet" if summary is None else "runs were completed from epochs.parquet" if notes
+               else "summary.parquet lacks some of the errors")
+        summary = summarize_runs(runs, plan)
+        notes.append(f"the summary over seeds was recomputed from the runs ({why})")
+    figure = results / "figure.png"
+    return Outputs(results, plan, runs, summary, figure if figure.is_file() else None, notes)
+
+
+# --- the machine, the code, the command, the time -----------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def torch_version() -> str:
+    try:
+        import torch
+        return torch.__version__
+    except Exception:  # noqa: BLE001 - the report is still useful without torch
+        return "not importable"
+
+
+def git(*args: str) -> str | None:
+    """A read-only git command in the repository (no index refresh written), or None."""
+    try:
+        r = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=20,
+                           env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def _values(runs: pd.DataFrame, col: str) -> list[str]:
+    """`value (n cells)` for each distinct recorded value of a column."""
+    if col not in runs:
+        return []
+    counts = runs[col].dropna().astype(str).value_counts()
+    return [f"{v} ({n} cell{'s' * (n != 1)})" for v, n in counts.items()]
+
+
+def machine_lines(runs: pd.DataFrame) -> list[str]:
+    devices, hosts, torches = _values(runs, "device"), _values(runs, "hostname"), _values(runs, "torch")
+    return [
+        f"- Runs: device {', '.join(devices) if devices else 'not recorded in runs.parquet'}; "
+        f"host {', '.join(hosts) if hosts else 'not recorded'}; "
+        f"torch {', '.join(torches) if torches else 'not recorded per run'}.",
+        f"- This report was written on {platform.node() or 'an unnamed host'}: {cpu_model()}, "
+        f"{os.cpu_count()} logical cores, torch {torch_version()}, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}.",
+    ]
+
+
+def code_lines(plan: dict) -> list[str]:
+    head = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if head else None
+    lines = []
+    recorded = plan.get("commit") or plan.get("git_commit")
+    if recorded:
+        dirty = plan.get("dirty", plan.get("git_dirty"))
+        lines.append(f"- Commit recorded by the run: `{recorded}`"
+                     + ("" if dirty is None else f" (working tree {'dirty' if dirty else 'clean'})") + ".")
+    if head is None:
+        lines.append(f"- Code at report time: not a git checkout ({REPO}).")
+    else:
+        changed = [l for l in (status or "").splitlines() if l.strip()]
+        state = (f"dirty: {len(changed)} tracked file{'s' * (len(changed) != 1)} modified" if changed else "clean")
+        lines.append(f"- Code at report time (`git rev-parse HEAD`): `{head}`, working tree {state}.")
+    if not recorded:
+        lines.append("- plan.json records no commit: the code that trained may differ from the code above.")
+    return lines
+
+
+def recorded_commands(plan: dict) -> list[str]:
+    """The command(s) plan.json records, if any: `commands` (a list of command lines),
+    `command` (a command line, or its argv as a list) or `argv` (ablations/run.py's arguments)."""
+    commands = plan.get("commands")
+    if isinstance(commands, list) and commands:
+        return [c if isinstance(c, str) else shlex.join(map(str, c)) for c in commands]
+    command = plan.get("command")
+    if isinstance(command, str) and command:
+        return [command]
+    if isinstance(command, list) and command:
+        return [shlex.join(map(str, command))]
+    argv = plan.get("argv")
+    if isinstance(argv, list) and argv:
+        return ["python ablations/run.py " + shlex.join(map(str, argv))]
+    return []
+
+
+def command_lines(plan: dict, given: list[str]) -> list[str]:
+    commands = recorded_commands(plan)
+    if commands:
+        source = "as recorded in plan.json"
+    elif given:
+        commands, source = list(given), "given to this report with --command (plan.json records none)"
+    else:
+        return ["Not recorded: plan.json has no command and none was given with --command."]
+    return [f"{source}:", "", "```bash", *commands, "```"]
+
+
+def duration(seconds: float) -> str:
+    if seconds is None or math.isnan(seconds):
+        return "n/a"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min {s:02d} s" if h else f"{m} min {s:02d} s"
+
+
+def _timestamp(v) -> float | None:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    try:
+        return pd.Timestamp(v).timestamp()
+    except (ValueError, TypeError):
+        return None
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def wall_time_lines(runs: pd.DataFrame, plan: dict) -> list[str]:
+    wall = runs.wall_time_s.dropna() if "wall_time_s" in runs else pd.Series(dtype=float)
+    lines = [f"- Sum of the cells' wall times: {duration(float(wall.sum()))} ({wall.sum():.0f} s over {len(wall)} "
+             f"of {len(runs)} cells" + (f"; {len(runs) - len(wall)} without a wall time" if len(wall) < len(runs) else "")
+             + ")."]
+    starts = [t for t in map(_timestamp, runs.get("started_at", pd.Series(dtype=float))) if t is not None]
+    ends = [t for t in map(_timestamp, runs.get("ended_at", pd.Series(dtype=float))) if t is not None]
+    start = min(starts) if starts else _timestamp(plan.get("started_at"))
+    end = max(ends) if ends else _timestamp(plan.get("ended_at") or plan.get("finished_at"))
+    if start is not None and end is not None:
+        lines.append(f"- Experiment span: {duration(end - start)}, from {_iso(start)} to {_iso(end)} "
+                     "(first trial start to last trial end).")
+    else:
+        lines.append("- Experiment span: not recorded (neither runs.parquet nor plan.json has start and end timestamps).")
+    return lines
+
+
+# --- the protocol --------------------------------------------------------------------------
+def _resolved(cfg: dict) -> dict:
+    from .config import Config
+    try:
+        return Config.from_dict(cfg).resolved().to_dict()
+    except Exception:  # noqa: BLE001 - a plan from another version: report what it says
+        return dict(cfg)
+
+
+def _join(values) -> str:
+    vals = []
+    for v in values:
+        if v not in vals:
+            vals.append(v)
+    return ", ".join("none" if v is None else f"{v:g}" if isinstance(v, float) else str(v) for v in vals)
+
+
+def _by_lambda(cells: list[dict], fn) -> str:
+    """One value, or `λ=200: x; λ=100: y` when it differs between imbalance factors."""
+    per = {}
+    for c in cells:
+        per.setdefault(c["imbalance"], []).append(fn(c))
+    distinct = {_join(v) for v in per.values()}
+    if len(distinct) == 1:
+        return distinct.pop()
+    return "; ".join(f"λ={lam:g}: {_join(v)}" for lam, v in per.items())
+
+
+def protocol_rows(plan: dict, runs: pd.DataFrame) -> list[tuple[str, str]]:
+    cells = [_resolved(c["config"]) for c in plan["cells"]]
+    hp = {}
+    for c in plan["cells"]:
+        hp.setdefault(c["hp_source"], None)
+    c0 = cells[0]
+    ds = c0["dataset"]
+    n_classes = NUM_CLASSES.get(ds)
+
+    def sizes(col):
+        if col not in runs or runs[col].isna().all():
+            return None
+        per = {lam: sorted({int(v) for v in g[col].dropna()}) for lam, g in runs.groupby("imbalance", sort=False)}
+        return "; ".join(f"λ={lam:g}: {', '.join(f'{v:,}' for v in vals)}" for lam, vals in per.items() if vals)
+
+    def head(c):
+        if c.get("head_min_count") is not None:
+            return f"classes with more than {c['head_min_count']} images"
+        if c.get("head_count") is None:
+            k = max(1, round(0.2 * n_classes)) if n_classes else None
+            return f"20% of the classes ({k})" if k else "20% of the classes"
+        return str(c["head_count"])
+
+    def test_size(c):
+        if c.get("test_per_class") is not None:
+            return f"{c['test_per_class']} per class" + (f" ({c['test_per_class'] * n_classes:,})" if n_classes else "")
+        return "the full balanced test set" + (" (10,000 images)" if ds in ("cifar10lt", "cifar100lt") else "")
+
+    rows = [
+        ("dataset", f"{DATASET_LABELS.get(ds, ds)} (`{ds}`, data root `{c0.get('data_root')}`)"),
+        ("imbalance factors λ", _join(c["imbalance"] for c in cells)),
+        ("n_max (largest class)", _join(c.get("n_max") for c in cells).replace("none", "the dataset's (5,000 CIFAR-10, 500 CIFAR-100)")),
+        ("train size (images)", sizes("train_size") or "not recorded in runs.parquet"),
+        ("validation images per class", _join(c.get("val_per_class") for c in cells)),
+        ("test size", sizes("test_size") or _by_lambda(cells, test_size)),
+        ("epochs", _join(c["epochs"] for c in cells)),
+        ("stage-I epochs", _join(c.get("stage1_epochs") for c in cells)),
+        ("evaluated every", _join(c.get("eval_every") for c in cells) + " epochs (selections (b) and (c) choose among these)"),
+        ("seeds (model)", _join(sorted({c["seed"] for c in cells}))),
+        ("subset seeds", _join(sorted({c.get("subset_seed") for c in cells}, key=str))),
+        ("arms", _join(ARM_LABELS.get(c["arm"], c["arm"]) for c in cells)),
+        ("variants", _join(c.get("variant") for c in cells)),
+        ("α, β", _by_lambda(cells, lambda c: f"({c['alpha']:g}, {c['beta']:g})") + f" — from {', '.join(hp)}"),
+        ("head classes", _by_lambda(cells, head)),
+        ("batch, lr, momentum, weight decay", _join(f"{c['batch_size']}, {c['lr']:g}, {c['momentum']:g}, {c['weight_decay']:g}" for c in cells)),
+        ("lr milestones (×decay), warm-up epochs", _join(f"{list(c.get('lr_milestones') or [])} (×{c['lr_decay']:g}), {c.get('warmup_epochs')}" for c in cells)),
+        ("model, precision", _join(f"{c['model']}, {c['precision']}" for c in cells)),
+    ]
+    return rows
+
+
+# --- the main tables -----------------------------------------------------------------------
+def layout(plan: dict) -> tuple[list[str], list[str]]:
+    """(row axes, section axes): rows are arm (and variant) where those are axes; every
+    other axis but seed makes sections (one table per imbalance factor, ...)."""
+    axes = group_axes(plan)
+    rows = [a for a in axes if a in ROW_AXES] or [a for a in axes if a != "imbalance"] or axes
+    return rows, [a for a in axes if a not in rows]
+
+
+def _nan(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def cell_text(r: dict, metric: str) -> str:
+    if r["status"] == FAILED:
+        return "FAILED"
+    if r["status"] == NOT_RUN:
+        return "not run"
+    mean, std, n = r[f"{metric}_mean"], r[f"{metric}_std"], r[f"{metric}_count"]
+    n = 0 if _nan(n) else int(n)
+    if n == 0 or _nan(mean):
+        return "n/a"
+    text = f"{mean:.2f}" + (f" ± {std:.2f}" if n > 1 and not _nan(std) else "")
+    return text + (f" (n={n})" if n < r["n_ok"] else "")
+
+
+def seeds_text(r: dict) -> str:
+    text = f"{int(r['n_ok'])}/{int(r['n_runs'])}"
+    extra = []
+    if r["n_failed"]:
+        extra.append(f"{int(r['n_failed'])} FAILED" + (f" (seed {r['failed_seeds']})" if r.get("failed_seeds") else ""))
+    if r["n_not_run"]:
+        extra.append(f"{int(r['n_not_run'])} not run")
+    return text + (": " + ", ".join(extra) if extra else "")
+
+
+def row_text(axes: list[str], r: dict) -> str:
+    return " / ".join(value_label(a, r[a]) if a in ROW_AXES else f"{axis_label(a)}={value_label(a, r[a])}" for a in axes)
+
+
+def sections(plan: dict, summary: pd.DataFrame) -> list[tuple[dict, list[dict]]]:
+    """(section key, summary rows in plan order) per combination of the section axes."""
+    _, section_axes = layout(plan)
+    out = {}
+    for r in summary.to_dict("records"):
+        key = tuple((a, coerce(a, r[a])) for a in section_axes)
+        out.setdefault(key, []).append(r)
+    return [(dict(k), rows) for k, rows in out.items()]
+
+
+def main_table(plan: dict, rows: list[dict]) -> list[str]:
+    row_axes, _ = layout(plan)
+    header = [" / ".join(axis_label(a) for a in row_axes), "seeds ok/planned"]
+    for sel in SELECTIONS:
+        header += [f"{SELECTION_LABELS[sel].split(' ')[0]} {g}" for g in GROUPS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([" --- ", " --- "] + [" ---: "] * (len(header) - 2)) + "|"]
+    for r in rows:
+        values = [cell_text(r, m) for sel in SELECTIONS for m in SELECTIONS[sel]]
+        lines.append("| " + " | ".join([row_text(row_axes, r), seeds_text(r), *values]) + " |")
+    return lines
+
+
+def published_table(plan: dict, lam: float | None) -> list[str]:
+    spec, cells = plan["spec"], plan["cells"]
+    dataset = cells[0]["config"]["dataset"]
+    rows = published_rows(spec, dataset)
+    arms_run = {c["config"]["arm"] for c in cells}
+    if lam is not None:
+        rows = [r for r in rows if lam in r["errors"]]
+    if not rows:
+        return []
+    lams = [lam] if lam is not None else sorted({l for r in rows for l in r["errors"]}, reverse=True)
+    head = ["published method", "source"] + ([f"top-1 error (%)"] if lam is not None else [f"λ={l:g}" for l in lams]) + ["our arm"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- ", " --- "] + [" ---: "] * len(lams) + [" --- "]) + "|"]
+    for r in rows:
+        ours = ("— (no arm of ours is this method)" if r["arm"] is None else
+                ARM_LABELS.get(r["arm"], r["arm"]) + ("" if r["arm"] in arms_run else " (not run here)"))
+        vals = ["—" if r["errors"].get(l) is None else f"{r['errors'][l]:.2f}" for l in lams]
+        lines.append("| " + " | ".join([r["method"], r["source"], *vals, ours]) + " |")
+    notes = [f"- {r['method']}: {r['note']}." for r in rows if r.get("note")]
+    return lines + ([""] + notes if notes else [])
+
+
+# --- the report ----------------------------------------------------------------------------
+def render(out: Outputs, commands: list[str] | None = None, out_path: Path | None = None) -> str:
+    plan, runs, summary = out.plan, out.runs, out.summary
+    spec = plan["spec"]
+    ds = plan["cells"][0]["config"]["dataset"]
+    title = spec.get("title") or spec.get("name")
+    md = [f"# Reproduction report: {title}", "",
+          f"{DATASET_LABELS.get(ds, ds)}, study `{spec.get('name')}`, results `{out.results}`; "
+          f"written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. All numbers are top-1 error in % "
+          "on the balanced test set (many / medium / few: mean per-class error of the classes with >100, 20–100, "
+          "<20 training images).", ""]
+    n_ok = int((runs.status == OK).sum())
+    bad = runs[runs.status != OK]
+    md += [f"**{n_ok} of {len(runs)} planned cells finished**" + (
+        "." if not len(bad) else f"; {int((bad.status == FAILED).sum())} failed and {int((bad.status == NOT_RUN).sum())} "
+                                 "did not run (listed below, and marked in the tables)."), ""]
+    md += ["## Machine", "", *machine_lines(runs), ""]
+    md += ["## Code", "", *code_lines(plan), ""]
+    md += ["## Command", "", *command_lines(plan, commands or []), ""]
+    md += ["## Wall time", "", *wall_time_lines(runs, plan), ""]
+    md += ["## Protocol", "", "| setting | value |", "| --- | --- |",
+           *[f"| {k} | {v} |" for k, v in protocol_rows(plan, runs)], ""]
+
+    md += ["## Results", "", "Three test errors per row, each overall (all) and on the many / medium / few-shot groups:", ""]
+    md += [f"- **{SELECTION_LABELS[s]}**: {SELECTION_NOTES[s]}." for s in SELECTIONS]
+    md += ["", "A cell is the mean ± std (sample std) over the seeds that finished; `seeds ok/planned` is n. "
+               "FAILED / not run: no seed of that row finished; a row with some seeds missing says which.", ""]
+    for key, rows in sections(plan, summary):
+        if key:
+            md += [f"### {', '.join(f'{axis_label(a)} = {value_label(a, v)}' for a, v in key.items())}", ""]
+        md += main_table(plan, rows) + [""]
+        lams = {c["config"]["imbalance"] for c in plan["cells"]}
+        lam = key.get("imbalance", next(iter(lams)) if len(lams) == 1 else None)
+        pub = published_table(plan, lam) if lam is not None else []
+        if pub:
+            md += ["Published, beside it (overall top-1 error as printed in the named source, not run here; "
+                   "the RISDA authors' released code reports the best test error over all epochs, i.e. column (c)):", "",
+                   *pub, ""]
+    if not any("imbalance" in k for k, _ in sections(plan, summary)) and len({c["config"]["imbalance"] for c in plan["cells"]}) > 1:
+        pub = published_table(plan, None)
+        if pub:
+            md += ["### Published numbers", "", *pub, ""]
+    if out.figure is not None:
+        rel = os.path.relpath(out.figure, (out_path or out.figure).resolve().parent) if out_path else out.figure.name
+        md += ["## Figure", "", f"![{title}]({rel})", ""]
+
+    md += ["## Cells that did not finish", ""]
+    if len(bad):
+        md += [f"- {line}" for line in failure_lines(runs, limit=len(runs), width=200)]
+    else:
+        md += [f"None: all {len(runs)} cells finished."]
+    md += [""]
+    notes = list(plan.get("notes") or []) + out.notes
+    if notes:
+        md += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    md += ["## Every run", "", "| cell | status | (a) last | (b) best-val | (c) best-test | best-test epoch | epochs run | wall time |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in runs.to_dict("records"):
+        f = lambda v: "—" if _nan(v) else f"{v:.2f}"
+        i = lambda v: "—" if _nan(v) else f"{int(v)}"
+        md.append(f"| {r['cell']} | {r['status'].upper() if r['status'] == FAILED else r['status']} | {f(r['test_error'])} | "
+                  f"{f(r['test_error_at_best_val'])} | {f(r['best_test_error'])} | {i(r.get('best_test_epoch'))} | "
+                  f"{i(r.get('epochs_run'))} | {duration(r.get('wall_time_s'))} |")
+    return "\n".join(md) + "\n"
+
+
+def write_report(results: str | Path, out: str | Path | None = None, commands: list[str] | None = None) -> Path:
+    outputs = load_outputs(results)
+    path = Path(out) if out else outputs.results.parent / DEFAULT_OUT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = render(outputs, commands, path.resolve())
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Write a Markdown reproduction report from an ablation's outputs "
+                                            "(results/<name>/ as ablations/run.py writes it).")
+    p.add_argument("--results", required=True, help="the ablation's results folder, e.g. results/table5")
+    p.add_argument("--out", help=f"the Markdown file (default: {DEFAULT_OUT} beside the results folder, e.g. results/{DEFAULT_OUT})")
+    p.add_argument("--command", action="append", default=[],
+                   help="the command that ran the ablation, when plan.json does not record it; repeatable")
+    args = p.parse_args(argv)
+    try:
+        path = write_report(args.results, args.out, args.command)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0

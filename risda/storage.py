@@ -1,0 +1,75 @@
+"""Files on local or shared storage: a local path, or any URI pyarrow understands (s3://, gs://,
+file://). The stage-I cache and the Ray runner read and write through these, so every node
+of a cluster sees the same files."""
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pyarrow.fs
+
+
+def filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    if "://" not in uri:
+        return pyarrow.fs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    return pyarrow.fs.FileSystem.from_uri(uri)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def read_text(uri: str) -> str | None:
+    """A small file; None when it does not exist."""
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0]
+
+
+def write_text(uri: str, text: str) -> None:
+    """Written to a temporary name, then moved: a reader never sees half a file (on object
+    stores the move is a copy, which is still whole)."""
+    fs, path = filesystem(uri)
+    fs.create_dir(_parent(path), recursive=True)
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(text.encode())
+    fs.move(tmp, path)
+
+
+def upload(local: Path, uri: str) -> None:
+    """Copy a local file to `uri`, through a temporary name and a move."""
+    fs, path = filesystem(uri)
+    fs.create_dir(_parent(path), recursive=True)
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    pyarrow.fs.copy_files(str(Path(local).resolve()), tmp, source_filesystem=pyarrow.fs.LocalFileSystem(),
+                          destination_filesystem=fs)
+    fs.move(tmp, path)
+
+
+def download(uri: str, local: Path) -> Path:
+    fs, path = filesystem(uri)
+    local = Path(local)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    pyarrow.fs.copy_files(path, str(local.resolve()), source_filesystem=fs,
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+    return local
+
+
+def delete_file(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+        fs.delete_file(path)
+
+
+def delete_dir(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+        fs.delete_dir(path)

@@ -8,7 +8,6 @@ import random
 from pathlib import Path
 
 import pandas as pd
-import pytest
 
 from risda.ablation import apply_overrides, expand, load_spec, make_plan
 from risda.ablation_tables import METRICS, OK, SELECTIONS, collate_runs, summarize_runs

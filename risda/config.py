@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 DATASETS = ("cifar10lt", "cifar100lt", "imagefolder", "imagenetlt", "inat2018")
 ARMS = ("risda", "no_reweight", "no_reasoning", "cov_only", "isda", "ce", "ce_drw")
 VARIANTS = ("paper", "reference")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 MODELS = ("resnet32", "resnet50")
 
 
@@ -53,7 +53,7 @@ class Config:
     lr_decay: float = 0.01
     warmup_epochs: int | None = field(default=None, metadata={"help": "linear lr warm-up epochs (default: 5 of 200, scaled with --epochs; 0 in the reference variant)"})
     seed: int = field(default=0, metadata={"help": "seed of model init, batch order and augmentation"})
-    precision: str = field(default="fp32", metadata={"help": "fp32 or bf16 (autocast)"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast where it is measured faster than fp32: CUDA with native bf16, CPUs with AVX512-BF16 or AMX; see risda.precision), fp32, or bf16"})
     channels_last: bool = False
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
     pad_mode: str | None = field(default=None, metadata={"help": "crop padding: zeros (default) or reflect (reference variant)"})
@@ -124,7 +124,7 @@ class Config:
         if self.variant not in VARIANTS:
             bad(f"unknown variant {self.variant!r}: choose paper or reference")
         if self.precision not in PRECISIONS:
-            bad(f"unknown precision {self.precision!r}: choose fp32 or bf16")
+            bad(f"unknown precision {self.precision!r}: choose auto, fp32 or bf16")
         if self.model not in MODELS:
             bad(f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}")
         if self.pad_mode not in (None, "zeros", "reflect"):

@@ -33,12 +33,29 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train one long-tailed run (RISDA or a baseline).")
     add_config_args(parser)
     parser.add_argument("--debug", action="store_true", help="on bad input, show the Python traceback instead of the one-line error")
+    shared = parser.add_argument_group("shared stage I (risda.stage1; the Ray runner does this by itself)")
+    shared.add_argument("--stage1-only", action="store_true",
+                        help="train stage I alone (plain CE; with --variant reference it also records the reference "
+                             "variant's observations) and stop: <out>/checkpoint.pt is then a stage-I checkpoint")
+    shared.add_argument("--stage1-from", metavar="CHECKPOINT",
+                        help="fork stage II from a stage-I checkpoint trained with the same stage-I flags")
     args = parser.parse_args(argv)
     try:
         cfg = Config(**config_overrides(args)).validate()
         preflight(cfg)
+        from .stage1 import shares_stage1
         from .trainer import train
-        summary = train(cfg)
+        if (args.stage1_only or args.stage1_from) and not shares_stage1(cfg):
+            raise ConfigError(f"--arm {cfg.arm} with --stage1-epochs {cfg.resolved().stage1_epochs} has no shared stage I "
+                              "(isda trains its augmentation from epoch 0); drop --stage1-only / --stage1-from")
+        if args.stage1_only:
+            done = train(cfg, stage1_only=True, observe_reference=cfg.variant == "reference")
+            print(f"stage I {done['stage1_key']}: {len(done['history'])} epochs -> {done['checkpoint']}")
+            return 0
+        stage1_from = Path(args.stage1_from) if args.stage1_from else None
+        if stage1_from is not None and not stage1_from.is_file():
+            raise ConfigError(f"--stage1-from {stage1_from}: no such file; train it with --stage1-only first")
+        summary = train(cfg, stage1_from=stage1_from)
     except INPUT_ERRORS as e:
         if args.debug:
             raise

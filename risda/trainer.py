@@ -22,6 +22,7 @@ from .evaluate import evaluate, shot_groups
 from .method import RISDAObjective, SharedStage1
 from .models import build_model
 from .objectives import DeferredReweighting, Objective
+from .precision import resolve_precision
 from .progress import TrainProgress
 from .stage1 import stage1_key
 
@@ -132,6 +133,7 @@ def train(cfg: Config, on_epoch: EpochCallback | None = None, resume_from: Path 
         if not resume_from.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {resume_from}; drop --resume to start a new run")
     device = pick_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)  # what "auto" means on this device
     data = data or load_long_tail(cfg, device)
     out.mkdir(parents=True, exist_ok=True)
     groups = shot_groups(data.class_counts)
@@ -145,7 +147,7 @@ def train(cfg: Config, on_epoch: EpochCallback | None = None, resume_from: Path 
                                 nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
 
     def autocast():
-        if cfg.precision == "bf16":
+        if precision == "bf16":
             return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         return nullcontext()
 
@@ -223,14 +225,14 @@ def train(cfg: Config, on_epoch: EpochCallback | None = None, resume_from: Path 
 
     if stage1_only:
         return dict(stage1_key=stage1_key(cfg), checkpoint=str(out / "checkpoint.pt"), history=history,
-                    wall_time_s=time.time() - started, train_size=len(data.train))
-    summary = summarize(cfg, data, history, device, time.time() - started)
+                    wall_time_s=time.time() - started, train_size=len(data.train), precision=precision)
+    summary = summarize(cfg, data, history, device, time.time() - started, precision)
     summary.update(stage1_info)
     write_outputs(out, summary, history)
     return summary
 
 
-def summarize(cfg: Config, data: LongTailData, history: list[dict], device, wall_time: float) -> dict:
+def summarize(cfg: Config, data: LongTailData, history: list[dict], device, wall_time: float, precision: str) -> dict:
     evaluated = [r for r in history if "test_error" in r]
     last = evaluated[-1]
     with_val = [r for r in evaluated if "val_error" in r]
@@ -255,7 +257,7 @@ def summarize(cfg: Config, data: LongTailData, history: list[dict], device, wall
         epochs_run=len(history), wall_time_s=wall_time,
         images_per_s=data.info["train_size"] * len(history) / max(wall_time, 1e-9),
         seed=cfg.seed,
-        torch=torch.__version__, device=device_name(device), host=platform.node(),
+        torch=torch.__version__, device=device_name(device), precision=precision, host=platform.node(),
     )
 
 

@@ -25,7 +25,8 @@ def tiny_config(cifar10_root, tmp_path):
     def make(**overrides) -> Config:
         fields = dict(dataset="cifar10lt", data_root=str(cifar10_root), imbalance=10, n_max=150,
                       test_per_class=30, epochs=2, batch_size=50, eval_every=1, checkpoint_every=1,
-                      warmup_epochs=0, out=str(tmp_path / "run"), progress=False, device="cpu")
+                      warmup_epochs=0, out=str(tmp_path / "run"), progress=False, device="cpu",
+                      precision="fp32")  # the exactness tests compare fp32 runs bit for bit
         fields.update(overrides)
         return Config(**fields)
     return make

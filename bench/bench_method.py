@@ -25,13 +25,11 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from risda.loss import augmented_logits  # noqa: E402
+from risda.loss import augmented_logits
 
 GB = 1024 ** 3
 

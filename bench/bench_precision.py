@@ -20,17 +20,14 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from risda.models import build_model  # noqa: E402
-from risda.precision import bf16_is_fast, cpu_flags, resolve_precision  # noqa: E402
+from risda.models import build_model
+from risda.precision import bf16_is_fast, cpu_flags, resolve_precision
 
 PRECISIONS = ("fp32", "bf16")
 

@@ -33,17 +33,15 @@ import subprocess
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from risda.config import Config  # noqa: E402
-from risda.method import RISDAObjective  # noqa: E402
-from risda.stats import ClassStatistics  # noqa: E402
-from bench_method import peak_rss_bytes, rss_bytes  # noqa: E402  (the script's folder is on sys.path)
+from risda.config import Config
+from risda.method import RISDAObjective
+from risda.stats import ClassStatistics
+from bench_method import peak_rss_bytes, rss_bytes  # the script's folder is on sys.path
 
 GIB = 1024 ** 3
 MACHINE_BYTES = 24 * GIB

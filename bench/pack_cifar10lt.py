@@ -25,10 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from risda.data import list_image_tree, long_tail_counts, long_tail_indices
 
-from risda.data import list_image_tree, long_tail_counts, long_tail_indices  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 PER_BATCH = 10_000  # images per data_batch_N file (torchvision's CIFAR-10 layout)
 

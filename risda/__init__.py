@@ -1,5 +1,5 @@
 """RISDA: Reasoning-based Implicit Semantic Data Augmentation for long-tailed classification."""
 from .config import Config, ConfigError
-from .data import long_tail_counts
+from .longtail import long_tail_counts
 
 __all__ = ["Config", "ConfigError", "long_tail_counts"]

@@ -13,6 +13,8 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 
+from .presets import PRESETS, apply_preset
+
 DATASETS = ("cifar10lt", "cifar100lt", "imagefolder", "imagenetlt", "inat2018")
 ARMS = ("risda", "no_reweight", "no_reasoning", "cov_only", "isda", "ce", "ce_drw")
 VARIANTS = ("paper", "reference")
@@ -136,7 +138,6 @@ class Config:
         if not (isinstance(cov, str) and (cov in ("full", "diag") or (cov.startswith("lowrank:") and cov[8:].isdigit() and int(cov[8:]) > 0))):
             bad(f"unknown covariance {cov!r}: choose full, diag or lowrank:K with K > 0")
         if self.preset is not None:
-            from .presets import PRESETS
             if self.preset not in PRESETS:
                 bad(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
         return self
@@ -269,6 +270,10 @@ def config_overrides(args: argparse.Namespace, cls=Config) -> dict:
     names = {f.name for f in fields(cls)}
     given = {k: v for k, v in vars(args).items() if k in names}
     if given.get("preset") is not None:
-        from .presets import apply_preset
         given = apply_preset(given)
     return given
+
+
+def preset_config(name: str, **overrides) -> Config:
+    """A Config with preset `name` (risda.presets) and `overrides` on top."""
+    return Config(**apply_preset({"preset": name, **overrides}))

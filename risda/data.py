@@ -15,7 +15,7 @@ import hashlib
 import os
 import pickle
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,29 +23,12 @@ import torch
 
 from .augment import CIFAR_MEAN, CIFAR_STD, normalize, random_crop_flip
 from .config import Config, ConfigError
+from .longtail import LongTailData, cap_per_class, long_tail_counts, long_tail_indices
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 CIFAR_FOLDERS = {"cifar10lt": ("cifar-10-batches-py", 10), "cifar100lt": ("cifar-100-python", 100)}
-
-
-def long_tail_counts(n_max: int, num_classes: int, imbalance: float) -> list[int]:
-    """Images per class, largest first: n_i = int(n_max * (1/λ)^(i/(C-1))) (LDAM-DRW)."""
-    if num_classes == 1:
-        return [int(n_max)]
-    return [int(n_max * (1.0 / imbalance) ** (i / (num_classes - 1.0))) for i in range(num_classes)]
-
-
-def long_tail_indices(labels: np.ndarray, counts: list[int], val_per_class: int, seed: int):
-    """(train_idx, val_idx): per class in label order, shuffle its indices with one stream
-    seeded once, hold out the first `val_per_class`, keep the next counts[c] for training."""
-    rng = np.random.RandomState(seed)  # the legacy stream that np.random.seed + shuffle uses
-    train, val = [], []
-    for c, n_c in enumerate(counts):
-        idx = np.where(labels == c)[0]
-        rng.shuffle(idx)
-        val.append(idx[:val_per_class])
-        train.append(idx[val_per_class:val_per_class + n_c])
-    return np.concatenate(train), np.concatenate(val)
+# Classes of the datasets whose class count is fixed, for whoever cannot look at the data.
+NUM_CLASSES = {name: n for name, (_, n) in CIFAR_FOLDERS.items()}
 
 
 # --- sources ---------------------------------------------------------------------------
@@ -204,27 +187,6 @@ class TensorSplit:
             if train:
                 x = random_crop_flip(x, generator, pad=4, pad_mode=self.pad_mode)
             yield normalize(x, self.mean, self.std), y
-
-
-@dataclass
-class LongTailData:
-    train: TensorSplit
-    val: TensorSplit | None
-    test: TensorSplit
-    class_counts: list[int]
-    class_names: list[str]
-    info: dict = field(default_factory=dict)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_counts)
-
-
-def cap_per_class(labels: np.ndarray, cap: int | None) -> np.ndarray:
-    """Indices of the first `cap` images of every class (all of them if cap is None)."""
-    if cap is None:
-        return np.arange(len(labels))
-    return np.concatenate([np.where(labels == c)[0][:cap] for c in np.unique(labels)])
 
 
 def load_long_tail(cfg: Config, device: torch.device) -> LongTailData:

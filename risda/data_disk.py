@@ -30,7 +30,7 @@ import torch
 
 from .augment import normalize
 from .config import Config, ConfigError
-from .data import LongTailData, cap_per_class, long_tail_indices
+from .longtail import LongTailData, cap_per_class, long_tail_indices
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -6,6 +6,31 @@ import torch
 GROUPS = ("many", "medium", "few")
 
 
+# --- the names of the errors: the one list every table, summary and report derives from ----------
+def error_names(prefix: str = "") -> tuple[str, ...]:
+    """The fields `evaluate(..., prefix=prefix)` returns: the overall error, then each group's
+    (`test_error`, `test_many_error`, `test_medium_error`, `test_few_error` for "test_")."""
+    return (f"{prefix}error", *(f"{prefix}{g}_error" for g in GROUPS))
+
+
+# A run's summary (risda.trainer.summarize) holds the test errors, overall and per group, of three
+# evaluated epochs: the last one, the one with the lowest validation error, and the one with the
+# lowest test error (model selection on test: what the literature reports, never used for a choice).
+_LAST = ("test_error", *(f"{g}_error" for g in GROUPS))
+SELECTIONS = {"last": _LAST,
+              "best_val": tuple(f"{name}_at_best_val" for name in _LAST),
+              "best_test": tuple(f"best_{name}" for name in error_names("test_"))}
+# Every error of a summary: the three selections and the best validation error.
+SUMMARY_ERRORS = (*SELECTIONS["last"], *SELECTIONS["best_val"], "best_val_error", *SELECTIONS["best_test"])
+
+
+def selected_errors(record, selection: str) -> dict:
+    """One evaluated epoch's test errors (its `test_*` fields; a dict or a pandas row) under the
+    summary's names for `selection` ("last", "best_val", "best_test"); all None without a record."""
+    return {name: None if record is None else record.get(field)
+            for name, field in zip(SELECTIONS[selection], error_names("test_"))}
+
+
 def shot_groups(class_counts: list[int]) -> dict[str, torch.Tensor]:
     """Class indices of each group, by training count (the convention of Liu et al. 2019)."""
     counts = torch.tensor(class_counts)
@@ -33,9 +58,10 @@ def evaluate(model, split, groups: dict, autocast, prefix: str = "", batch_size:
     predictions, labels = torch.cat(predictions).cpu(), split.labels.cpu()
     num_classes = sum(len(g) for g in groups.values())
     accuracy = per_class_accuracy(predictions, labels, num_classes)
-    result = {f"{prefix}error": 100 * (1 - (predictions == labels).double().mean().item())}
-    for name in GROUPS:
-        acc = accuracy[groups[name]]
+    overall, *per_group = error_names(prefix)
+    result = {overall: 100 * (1 - (predictions == labels).double().mean().item())}
+    for group, name in zip(GROUPS, per_group):
+        acc = accuracy[groups[group]]
         acc = acc[~acc.isnan()]
-        result[f"{prefix}{name}_error"] = 100 * (1 - acc.mean().item()) if len(acc) else None
+        result[name] = 100 * (1 - acc.mean().item()) if len(acc) else None
     return result

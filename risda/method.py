@@ -64,9 +64,10 @@ def head_classes(counts, head_count: int | None, head_min_count: int | None = No
 
 
 class RISDAObjective(Objective):
+    """The RISDA arms (ARMS); cfg is the run's resolved Config, as for every Objective."""
+
     def __init__(self, cfg, class_counts, feature_dim, device):
-        super().__init__(cfg.resolved(), class_counts, feature_dim, device)
-        cfg = self.cfg
+        super().__init__(cfg, class_counts, feature_dim, device)
         if cfg.arm not in ARMS:
             raise ConfigError(f"RISDAObjective has no arm {cfg.arm!r}: choose one of {', '.join(ARMS)}")
         self.arm = ARMS[cfg.arm]
@@ -280,8 +281,8 @@ class SharedStage1(Objective):
     records the reference variant's observations, which change nothing about the training itself."""
 
     def __init__(self, cfg, class_counts, feature_dim, device, observe_reference: bool = False):
-        super().__init__(cfg, class_counts, feature_dim, device)
-        self.observations = ReferenceObservations(self.num_classes, cfg.resolved().stage1_epochs) if observe_reference else None
+        super().__init__(cfg, class_counts, feature_dim, device)  # cfg resolved, as for RISDAObjective
+        self.observations = ReferenceObservations(self.num_classes, cfg.stage1_epochs) if observe_reference else None
 
     def end_epoch(self, epoch, model, extract):
         if self.observations is not None and not self.stage2(epoch):

@@ -20,7 +20,8 @@ Extractor = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 class Objective:
-    """Plain cross-entropy; the base of every arm."""
+    """Plain cross-entropy; the base of every arm. cfg is the run's resolved Config
+    (`Config.resolved()`, which the trainer calls once per run): arms read its derived fields as given."""
 
     def __init__(self, cfg: Config, class_counts: list[int], feature_dim: int, device: torch.device):
         self.cfg = cfg

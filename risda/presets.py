@@ -2,12 +2,19 @@
 
 The CLI applies a preset first and the flags typed beside it on top (`config.config_overrides`),
 so `--preset imagenetlt-r50 --epochs 10` is the paper's ImageNet-LT recipe cut to 10 epochs.
-In Python: `preset_config("imagenetlt-r50", data_root=..., epochs=10)`.
+In Python: `risda.config.preset_config("imagenetlt-r50", data_root=..., epochs=10)`.
+
+Also the paper's own hyperparameters (`TABLE2`), which the search and the ablations start from.
+This module imports nothing from risda: it is plain data.
 
 Sources: the paper's "Results on ImageNet-LT / iNaturalist 2018" paragraphs and, where the
 paper is silent, the authors' ImageNet-LT code as docs/method.md describes it. Guesses are marked.
 """
 from __future__ import annotations
+
+# Paper Table 2: the best (α, β) per CIFAR-100-LT imbalance factor λ.
+TABLE2: dict[float, tuple[float, float]] = {200.0: (0.5, 1.0), 100.0: (0.5, 0.75), 50.0: (0.75, 1.0), 20.0: (0.75, 0.75),
+                                             10.0: (0.5, 0.5)}
 
 PRESETS: dict[str, dict] = {
     # Paper: ResNet-50, 100 epochs, SGD 0.1, momentum 0.9, wd 2e-4, 5 warm-up epochs,
@@ -50,9 +57,3 @@ def apply_preset(given: dict) -> dict:
             v = preset[k]
             preset[k] = tuple(int(m * scale) for m in v) if isinstance(v, tuple) else int(v * scale)
     return {**preset, **given}
-
-
-def preset_config(name: str, **overrides):
-    """A Config with preset `name` and `overrides` on top."""
-    from .config import Config
-    return Config(**apply_preset({"preset": name, **overrides}))

@@ -4,6 +4,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .evaluate import error_names
+
 
 class TrainProgress:
     def __init__(self, cfg, train_size: int, last_epoch: int, start_epoch: int = 0, enabled: bool = True):
@@ -37,5 +39,4 @@ class TrainProgress:
         val = f"  val {record['val_error']:.2f}" if "val_error" in record else ""
         self.console.log(f"epoch {record['epoch'] + 1}/{self.last_epoch}  loss {record['train_loss']:.3f}  "
                          f"test {record['test_error']:.2f}{val}  many/med/few "
-                         + "/".join("-" if record[f"test_{g}_error"] is None else f"{record[f'test_{g}_error']:.1f}"
-                                    for g in ("many", "medium", "few")))
+                         + "/".join("-" if record[k] is None else f"{record[k]:.1f}" for k in error_names("test_")[1:]))

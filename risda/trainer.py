@@ -18,7 +18,7 @@ import torch
 from .checkpoint import load_checkpoint, load_stage1_checkpoint, save_checkpoint
 from .config import Config
 from .data import LongTailData, load_long_tail
-from .evaluate import evaluate, shot_groups
+from .evaluate import evaluate, selected_errors, shot_groups
 from .method import RISDAObjective, SharedStage1
 from .models import build_model
 from .objectives import DeferredReweighting, Objective
@@ -242,18 +242,11 @@ def summarize(cfg: Config, data: LongTailData, history: list[dict], device, wall
     return dict(
         config=cfg.to_dict(),
         class_counts=data.class_counts, class_names=data.class_names, **data.info,
-        test_error=last["test_error"], many_error=last["test_many_error"],
-        medium_error=last["test_medium_error"], few_error=last["test_few_error"],
-        last_epoch=last["epoch"],
+        **selected_errors(last, "last"), last_epoch=last["epoch"],
         best_val_error=pick(best_val, "val_error"), best_val_epoch=pick(best_val, "epoch"),
-        test_error_at_best_val=pick(best_val, "test_error"),
-        many_error_at_best_val=pick(best_val, "test_many_error"),
-        medium_error_at_best_val=pick(best_val, "test_medium_error"),
-        few_error_at_best_val=pick(best_val, "test_few_error"),
+        **selected_errors(best_val, "best_val"),
         # Model selection on the test set, as the authors' script reports; never for tuning.
-        best_test_error=best_test["test_error"], best_test_epoch=best_test["epoch"],
-        best_test_many_error=best_test.get("test_many_error"), best_test_medium_error=best_test.get("test_medium_error"),
-        best_test_few_error=best_test.get("test_few_error"),
+        **selected_errors(best_test, "best_test"), best_test_epoch=best_test["epoch"],
         epochs_run=len(history), wall_time_s=wall_time,
         images_per_s=data.info["train_size"] * len(history) / max(wall_time, 1e-9),
         seed=cfg.seed,
@@ -268,8 +261,11 @@ def device_name(device: torch.device) -> str:
 
 
 def write_outputs(out: Path, summary: dict, history: list[dict]) -> None:
-    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(out / "summary.json")
-    pd.DataFrame([r for r in history if "test_error" in r]).to_parquet(out / "epochs.parquet", index=False)
+    rows = [r for r in history if "test_error" in r]
+    columns = list(dict.fromkeys(k for r in rows for k in r))  # every field of any row, in first-seen order
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in rows]), out / "epochs.parquet")

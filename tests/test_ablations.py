@@ -1,31 +1,27 @@
-"""The ablation runner (ablations/run.py): specs, cell expansion, collation, tables, figures,
+"""The ablation runner (ablations/run.py, risda.runner.ablation): specs, cell expansion, collation, tables, figures,
 and one real Ray Tune experiment on CIFAR-10-LT images."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from risda.ablation import (DATA_FIELDS, TABLE2, apply_overrides, expand, list_specs, load_spec, make_plan,
-                            parse_spec, published_rows, read_best, table2)
-from risda.ablation_tables import (FAILED, METRICS, NOT_RUN, OK, PARTIAL, SELECTIONS, collate_runs, latex_table,
-                                   markdown_table, rich_tables, summarize_runs)
 from risda.config import ConfigError
+from risda.presets import TABLE2
+from risda.runner.ablation import cli as run
+from risda.runner.ablation.spec import (DATA_FIELDS, apply_overrides, expand, list_specs, load_spec, make_plan, parse_spec,
+                                        published_rows, read_best, table2)
+from risda.runner.ablation.tables import (FAILED, METRICS, NOT_RUN, OK, PARTIAL, SELECTIONS, collate_runs, latex_table,
+                                          markdown_table, rich_tables, summarize_runs)
 
-REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def load_run_module():
-    spec = importlib.util.spec_from_file_location("ablations_run", REPO / "ablations" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+RUN_PY = Path(__file__).resolve().parents[1] / "ablations" / "run.py"
 
 
 def plan_for(name, grid=None, flags=None, best=None):
@@ -35,6 +31,15 @@ def plan_for(name, grid=None, flags=None, best=None):
 
 
 # --- specs and cells ------------------------------------------------------------------------
+def test_the_command_line_is_thin(tmp_path):
+    """ablations/run.py is risda.runner.ablation.cli.main; it runs from any folder (the installed
+    package), and finds the bundled specs (package data) by name."""
+    assert "from risda.runner.ablation.cli import main" in RUN_PY.read_text()
+    done = subprocess.run([sys.executable, str(RUN_PY), "--spec", "fig5_head_count", "--seeds", "0", "--imbalance", "100",
+                           "--dry-run"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "fig5_head_count" in done.stdout, done.stdout + done.stderr
+
+
 def test_bundled_specs_expand():
     assert {"table5", "fig4_alpha_beta", "fig5_head_count", "variants"} <= set(list_specs())
     plan = plan_for("table5")
@@ -108,7 +113,7 @@ def test_spec_errors_name_the_fix():
 
 def test_param_space_reproduces_the_cells():
     from ray.tune.search.variant_generator import generate_variants
-    from risda.ablation_ray import param_space
+    from risda.runner.ablation.experiment import param_space
     plan = plan_for("table5", grid={"imbalance": ["150", "10"], "seed": ["0", "1"], "arm": ["risda", "ce"]},
                     flags={"dataset": "cifar10lt"})
     configs = [cfg for _, cfg in generate_variants(param_space(plan))]
@@ -240,7 +245,7 @@ def test_tables_show_each_published_row_with_its_label(tmp_path):
     r2 = collate_runs(only_risda, synthetic(only_risda))
     md2 = markdown_table(only_risda, r2, summarize_runs(r2, only_risda), "test_error")
     assert "published: CE" not in md2 and "published: MetaSAug with CE" in md2
-    from risda.ablation_figures import plot_study
+    from risda.runner.ablation.figures import plot_study
     assert plot_study(plan, runs, summary, "test_error", tmp_path / "f.png").read_bytes()[:8] == PNG_MAGIC
 
 
@@ -274,7 +279,7 @@ def test_group_errors_of_every_selection_are_collated_from_epochs():
 
 @pytest.mark.parametrize("name", ["table5", "fig4_alpha_beta", "fig5_head_count", "variants"])
 def test_figures_for_every_study(name, tmp_path):
-    from risda.ablation_figures import plot_study
+    from risda.runner.ablation.figures import plot_study
     grid = {"seed": ["0", "1"]}
     if name == "fig4_alpha_beta":
         grid = {"alpha": ["0.5", "1.0"], "beta": ["0.5", "0.75", "1.0"], "seed": ["0"]}
@@ -305,7 +310,6 @@ def tiny_args(cifar10_root, tmp_path, name, *extra):
 
 @pytest.mark.slow
 def test_end_to_end_two_arms_two_imbalances(cifar10_root, tmp_path, ray_local, capsys):
-    run = load_run_module()
     args = tiny_args(cifar10_root, tmp_path, "e2e", "--arms", "risda,ce", "--imbalance", "100,10")
     assert run.main(args) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
@@ -348,7 +352,6 @@ def test_end_to_end_two_arms_two_imbalances(cifar10_root, tmp_path, ray_local, c
 
 @pytest.mark.slow
 def test_a_failing_cell_is_reported_as_failed(cifar10_root, tmp_path, ray_local, capsys):
-    run = load_run_module()
     # λ=1000 with n_max 150 leaves a class without images: that trial raises inside Ray
     args = tiny_args(cifar10_root, tmp_path, "fails", "--arms", "ce", "--imbalance", "10,1000", "--epochs", "1")
     assert run.main(args) == 1

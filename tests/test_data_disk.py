@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from risda.config import Config, ConfigError, add_config_args, config_overrides
+from risda.config import Config, ConfigError, add_config_args, config_overrides, preset_config
 from risda.data import load_long_tail
 from risda.data_disk import DiskSplit, random_resized_crop_params
-from risda.presets import PRESETS, preset_config
+from risda.presets import PRESETS
 
 CPU = torch.device("cpu")
 WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361"]

@@ -3,28 +3,19 @@ line `error: <message>` naming the flag or file and the fix (the traceback only 
 Nothing here trains: each error comes before the first epoch."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from risda.ablation import apply_overrides, coerce, expand, load_spec
 from risda.checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
 from risda.config import Config, ConfigError, parse_field
 from risda.data import load_long_tail
+from risda.runner.ablation.spec import apply_overrides, coerce, expand, load_spec
 from risda.train import main
 
-REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-
-
-def load_script(name, path):
-    spec = importlib.util.spec_from_file_location(name, REPO / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def cli_error(capsys, *flags) -> str:
@@ -125,7 +116,7 @@ def test_parse_field():
 
 
 def test_search_space_uses_the_field_parser():
-    search = load_script("risda_search_inputs", "tune/search.py")
+    from risda.runner import search
     with pytest.raises(ConfigError, match=r"--space nesterov=true\|flase: --nesterov 'flase'"):
         search.parse_space("nesterov=true|flase")
     assert search.optuna_distribution("nesterov", "true|off").choices == (True, False)
@@ -154,14 +145,14 @@ def test_ablation_grid_uses_the_field_parser():
     (["--grid", "lr=nan"], "--lr must be > 0"),
 ])
 def test_ablation_grid_values_are_validated_first(capsys, argv, message):
-    run = load_script("ablations_run_inputs", "ablations/run.py")
+    from risda.runner.ablation import cli as run
     assert run.main([*argv, "--dry-run"]) == 2
     out = capsys.readouterr().out
     assert "error:" in out and message in " ".join(out.split()) and "Traceback" not in out
 
 
 def test_ablation_grid_none_for_an_optional_field(capsys):
-    run = load_script("ablations_run_inputs", "ablations/run.py")
+    from risda.runner.ablation import cli as run
     assert run.main(["--grid", "graph_topk=none,3", "--arms", "risda", "--imbalance", "100", "--seeds", "0", "--dry-run"]) == 0
     assert "2 trials" in capsys.readouterr().out
 

@@ -1,17 +1,19 @@
-"""The reproduction report (risda.report, ablations/report.py) on synthetic ablation outputs:
+"""The reproduction report (risda.runner.report, ablations/report.py) on synthetic ablation outputs:
 no training, no Ray."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 
-from risda.ablation import apply_overrides, expand, load_spec, make_plan
-from risda.ablation_tables import METRICS, OK, SELECTIONS, collate_runs, summarize_runs
-from risda import report
+from risda.runner import report
+from risda.runner.ablation.spec import apply_overrides, expand, load_spec, make_plan
+from risda.runner.ablation.tables import METRICS, OK, SELECTIONS, collate_runs, summarize_runs
 
 REPO = Path(__file__).resolve().parents[1]
 COMMAND = "python ablations/run.py --dataset cifar10lt --arms risda,ce,ce_drw --imbalance 100,10 --val-per-class 5"
@@ -177,3 +179,7 @@ def test_cli_is_thin(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main is report.main
+    # the command itself, from another folder: the installed package, no path set-up
+    done = subprocess.run([sys.executable, str(REPO / "ablations" / "report.py"), "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--results" in done.stdout, done.stderr

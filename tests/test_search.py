@@ -2,7 +2,6 @@
 resuming, two nodes, fractional GPUs. Every test that starts Ray shuts it down."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import signal
 import subprocess
@@ -14,21 +13,11 @@ import pandas as pd
 import pytest
 import ray
 
-from risda import raytune
 from risda.config import Config
+from risda.runner import search, trainables
 
 REPO = Path(__file__).resolve().parents[1]
-SEARCH_PY = REPO / "tune" / "search.py"
-
-
-def load_search():
-    spec = importlib.util.spec_from_file_location("risda_search_cli", SEARCH_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-search = load_search()
+SEARCH_PY = REPO / "tune" / "search.py"  # the command line, run as a subprocess below
 
 
 def tiny_argv(cifar10_root, tmp_path, name, *extra) -> list[str]:
@@ -46,7 +35,7 @@ def failing_on_paper_point(config: dict) -> None:
     raises before its first report."""
     if config["alpha"] == 0.5 and config["beta"] == 0.75:
         raise RuntimeError("injected failure for the test")
-    raytune.train_trial(config)
+    trainables.train_trial(config)
 
 
 # Ray workers cannot import this test module: ship its functions by value.
@@ -93,6 +82,14 @@ def read_outputs(tmp_path, name):
 
 
 # --- no Ray needed -------------------------------------------------------------------------
+def test_the_command_line_is_thin(tmp_path):
+    """tune/search.py is risda.runner.search.main; it runs from any folder (the installed package)."""
+    done = subprocess.run([sys.executable, str(SEARCH_PY), "--help"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "--num-samples" in done.stdout and "--cpus-per-trial" in done.stdout, done.stderr
+    assert "from risda.runner.search import main" in SEARCH_PY.read_text()
+
+
 def test_space_parsing_and_paper_point(tmp_path):
     space = search.parse_space(search.DEFAULT_SPACE)
     assert space == {"alpha": "0.25:1.5", "beta": "0.25:1.5", "head_count": "10|20|30|40"}

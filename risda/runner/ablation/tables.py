@@ -16,34 +16,23 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from .ablation import (DATASET_LABELS, axis_label, cell_key, coerce, format_key, plan_cells, published_label,
-                       published_rows, value_label)
+from ...evaluate import GROUPS, SELECTIONS, SUMMARY_ERRORS, selected_errors
+from .spec import (DATASET_LABELS, axis_label, cell_key, coerce, format_key, plan_cells, published_label, published_rows,
+                   value_label)
 
-# Error columns (%) taken from a trial's summary; the first four are the paper's.
-METRICS = ("test_error", "many_error", "medium_error", "few_error",
-           "test_error_at_best_val", "many_error_at_best_val", "medium_error_at_best_val", "few_error_at_best_val",
-           "best_val_error",
-           "best_test_error", "best_test_many_error", "best_test_medium_error", "best_test_few_error")
-# The test errors (overall, many, medium, few) of the three epoch selections: the last epoch,
-# the best-validation epoch, and the best-test epoch (model selection on test: what the
-# literature reports, never used for any choice).
-SELECTIONS = {"last": ("test_error", "many_error", "medium_error", "few_error"),
-              "best_val": ("test_error_at_best_val", "many_error_at_best_val", "medium_error_at_best_val",
-                           "few_error_at_best_val"),
-              "best_test": ("best_test_error", "best_test_many_error", "best_test_medium_error", "best_test_few_error")}
-METRIC_LABELS = {"test_error": "top-1 error (%)", "many_error": "many-shot error (%)",
-                 "medium_error": "medium-shot error (%)", "few_error": "few-shot error (%)",
-                 "test_error_at_best_val": "top-1 error at the best validation epoch (%)",
-                 "many_error_at_best_val": "many-shot error at the best validation epoch (%)",
-                 "medium_error_at_best_val": "medium-shot error at the best validation epoch (%)",
-                 "few_error_at_best_val": "few-shot error at the best validation epoch (%)",
-                 "best_val_error": "best validation error (%)",
-                 "best_test_error": "best test error over all epochs (%, model selection on test)",
-                 "best_test_many_error": "many-shot error at the best test epoch (%, model selection on test)",
-                 "best_test_medium_error": "medium-shot error at the best test epoch (%, model selection on test)",
-                 "best_test_few_error": "few-shot error at the best test epoch (%, model selection on test)"}
+# Error columns (%) taken from a trial's summary (risda.evaluate: the three epoch selections,
+# SELECTIONS, and the best validation error); the first four are the paper's.
+METRICS = SUMMARY_ERRORS
+_WORDS = ("top-1", *(f"{g}-shot" for g in GROUPS))  # as each selection lists them: overall, then the groups
+METRIC_LABELS = {
+    **{m: f"{w} error (%)" for m, w in zip(SELECTIONS["last"], _WORDS)},
+    **{m: f"{w} error at the best validation epoch (%)" for m, w in zip(SELECTIONS["best_val"], _WORDS)},
+    "best_val_error": "best validation error (%)",
+    **{m: f"{w} error at the best test epoch (%, model selection on test)" for m, w in zip(SELECTIONS["best_test"], _WORDS)},
+    "best_test_error": "best test error over all epochs (%, model selection on test)",  # in place of the line above's
+}
 # Published rows (overall top-1 error) are shown beside these metrics only.
-PUBLISHED_METRICS = ("test_error", "test_error_at_best_val", "best_test_error")
+PUBLISHED_METRICS = tuple(names[0] for names in SELECTIONS.values())  # test_error, test_error_at_best_val, best_test_error
 OTHER_RESULTS = ("last_epoch", "best_val_epoch", "best_test_epoch", "epochs_run", "wall_time_s", "train_size",
                  "val_size", "test_size", "started_at", "ended_at", "stage1_wall_time_s")
 # Where a trial ran (strings), when its result carries them.
@@ -128,13 +117,11 @@ def selection_errors(epochs: pd.DataFrame) -> pd.DataFrame:
     evaluated = epochs[epochs.test_error.notna()].sort_values("epoch", kind="stable")
     for trial_id, e in evaluated.groupby("trial_id", sort=False):
         e = e.reset_index(drop=True)
-        groups = lambda r: [r.get(f"test_{g}_error") for g in ("many", "medium", "few")]
         last, best_test = e.iloc[-1], e.loc[e.test_error.idxmin()]
-        row = dict(zip(SELECTIONS["last"], [last.test_error, *groups(last)]))
-        row.update(zip(SELECTIONS["best_test"], [best_test.test_error, *groups(best_test)]))
+        row = {**selected_errors(last, "last"), **selected_errors(best_test, "best_test")}
         if "val_error" in e and e.val_error.notna().any():
             best_val = e.loc[e.val_error.idxmin()]
-            row.update(zip(SELECTIONS["best_val"], [best_val.test_error, *groups(best_val)]))
+            row.update(selected_errors(best_val, "best_val"))
             row["best_val_error"] = best_val.val_error
         row.update({f: last.get(f) for f in RUN_FACTS if f in e})
         if "hostname" not in e and "host" in e:

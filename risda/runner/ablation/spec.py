@@ -1,4 +1,4 @@
-"""Ablation specs: what a study runs. A spec is a small TOML file in `ablations/specs/`;
+"""Ablation specs: what a study runs. A spec is a small TOML file in `risda/runner/specs/`;
 `expand()` turns it (plus command-line overrides) into a *plan*: one cell per combination
 of the grid axes, each with the full Config its trial trains.
 
@@ -55,7 +55,9 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .config import ARMS, VARIANTS, Config, ConfigError, parse_field
+from ...config import ARMS, VARIANTS, Config, ConfigError, parse_field
+from ...data import NUM_CLASSES
+from ...presets import TABLE2
 
 try:
     import tomllib
@@ -65,11 +67,8 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as a package
     except ModuleNotFoundError:
         tomllib = None
 
-SPEC_DIR = Path(__file__).resolve().parents[1] / "ablations" / "specs"
+SPEC_DIR = Path(__file__).resolve().parents[1] / "specs"  # risda/runner/specs/, shipped as package data
 DEFAULT_SPEC = "table5"
-
-# Paper Table 2: best (α, β) per CIFAR-100-LT imbalance factor.
-TABLE2 = {200.0: (0.5, 1.0), 100.0: (0.5, 0.75), 50.0: (0.75, 1.0), 20.0: (0.75, 0.75), 10.0: (0.5, 0.5)}
 
 DEFAULT_SEEDS = (0, 1, 2)  # a spec whose [grid] has no seed axis
 FIGURES = ("lines", "bars", "heatmap")
@@ -89,7 +88,6 @@ AXIS_LABELS = {"arm": "arm", "imbalance": "λ", "alpha": "α", "beta": "β", "he
 DATASET_LABELS = {"cifar10lt": "CIFAR-10-LT", "cifar100lt": "CIFAR-100-LT", "imagefolder": "ImageFolder",
                   "imagenetlt": "ImageNet-LT", "inat2018": "iNaturalist 2018"}
 
-NUM_CLASSES = {"cifar10lt": 10, "cifar100lt": 100}
 REASONING_ARMS = ("risda", "no_reweight", "cov_only")
 
 _FIELD_TYPES = typing.get_type_hints(Config)
@@ -158,7 +156,7 @@ class Spec:
 
 
 def spec_path(name_or_path: str | None) -> Path:
-    """`table5`, `fig4_alpha_beta` (a file in ablations/specs/) or a path to a .toml file."""
+    """`table5`, `fig4_alpha_beta` (a file in risda/runner/specs/) or a path to a .toml file."""
     name_or_path = name_or_path or DEFAULT_SPEC
     p = Path(name_or_path).expanduser()
     if p.suffix == ".toml" or p.exists():

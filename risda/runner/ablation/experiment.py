@@ -1,7 +1,7 @@
-"""A plan (risda.ablation) as one Ray Tune experiment: a grid search over the spec's axes,
-no scheduler, no early stopping. Everything Ray-specific that is not particular to
-ablations (the trainable, ray init, the resource check, storage, restore-or-new, the
-collation of a ResultGrid) is `risda.raytune`, shared with the search command.
+"""A plan (risda.runner.ablation.spec) as one Ray Tune experiment: a grid search over the
+spec's axes, no scheduler, no early stopping. Everything Ray-specific that is not particular
+to ablations (the trainable, ray init, the resource check, storage, restore-or-new, the
+collation of a ResultGrid) is the rest of `risda.runner`, shared with the search command.
 
 The experiment's param_space: one `tune.grid_search` per grid axis (so Ray's trial names
 and progress show `arm=ce,imbalance=100.0,seed=0`), the Config fields that are the same in
@@ -17,9 +17,15 @@ from dataclasses import fields
 
 from ray import tune
 
-from . import raytune
-from .ablation import coerce, plan_cells
-from .config import Config, ConfigError
+from ...config import Config, ConfigError
+from ...evaluate import selected_errors
+from ...storage import read_text, write_text
+from ..cluster import experiment_uri, restore_or_new_tuner, trial_resources
+from ..collate import collate
+from ..progress import RichProgress
+from ..stage1 import ensure_stage1
+from ..trainables import STAGE1_CACHE_KEY, train_trial
+from .spec import coerce, plan_cells
 
 PLAN_FILE = "ablation_plan.json"  # a copy of the plan beside the Ray experiment
 
@@ -62,21 +68,21 @@ def run_experiment(plan: dict, storage: str, name: str, cpus_per_trial: float, g
                    restart: bool = False, progress: bool = True, max_failures: int = 0,
                    stage1_cache: str | None = None, retry_errored: bool = False):
     """(ResultGrid, restored, stage-I table or None): first every distinct stage I the cells
-    need and the cache lacks (with stage1_cache; risda.raytune.ensure_stage1), then the plan's
+    need and the cache lacks (with stage1_cache; risda.runner.stage1.ensure_stage1), then the plan's
     grid, each cell forking stage II from its stage I (isda trains from epoch 0). Continues an
     interrupted experiment (finished trials kept, unfinished ones resumed from their
     checkpoints, failed ones only with retry_errored; --restart starts over)."""
-    path = raytune.experiment_uri(storage, name)
-    resources = raytune.trial_resources(cpus_per_trial, gpus_per_trial)
-    train = tune.with_resources(raytune.train_trial, resources)
+    path = experiment_uri(storage, name)
+    resources = trial_resources(cpus_per_trial, gpus_per_trial)
+    train = tune.with_resources(train_trial, resources)
     axes = plan["axes"]
-    callbacks = [raytune.RichProgress(len(plan["cells"]), metric="test_error", params=axes)] if progress else []
+    callbacks = [RichProgress(len(plan["cells"]), metric="test_error", params=axes)] if progress else []
     stage1 = None
     space = param_space(plan)
     if stage1_cache:
         configs = [Config.from_dict(c.config) for c in plan_cells(plan)]
-        stage1 = raytune.ensure_stage1(configs, stage1_cache, storage, name, resources, max_failures, progress)
-        space[raytune.STAGE1_CACHE_KEY] = stage1_cache
+        stage1 = ensure_stage1(configs, stage1_cache, storage, name, resources, max_failures, progress)
+        space[STAGE1_CACHE_KEY] = stage1_cache
 
     def new_tuner():
         return tune.Tuner(
@@ -87,35 +93,35 @@ def run_experiment(plan: dict, storage: str, name: str, cpus_per_trial: float, g
                 failure_config=tune.FailureConfig(max_failures=max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
 
-    tuner, restored = raytune.restore_or_new_tuner(path, train, new_tuner, restart=restart, retry_errored=retry_errored)
-    raytune.write_text(f"{path}/{PLAN_FILE}", json.dumps(plan, indent=1))
+    tuner, restored = restore_or_new_tuner(path, train, new_tuner, restart=restart, retry_errored=retry_errored)
+    write_text(f"{path}/{PLAN_FILE}", json.dumps(plan, indent=1))
     return tuner.fit(), restored, stage1
 
 
 def saved_plan(storage: str, name: str) -> dict | None:
-    text = raytune.read_text(f"{raytune.experiment_uri(storage, name)}/{PLAN_FILE}")
+    text = read_text(f"{experiment_uri(storage, name)}/{PLAN_FILE}")
     return json.loads(text) if text else None
 
 
 def load_results(storage: str, name: str):
     """The ResultGrid of an existing experiment, without training anything."""
-    path = raytune.experiment_uri(storage, name)
+    path = experiment_uri(storage, name)
     if not tune.Tuner.can_restore(path):
         raise ConfigError(f"--collate-only: no Ray experiment at {path}; run without --collate-only first, "
                           f"or point --storage / --name at the experiment")
-    return tune.Tuner.restore(path, trainable=raytune.train_trial).get_results()
+    return tune.Tuner.restore(path, trainable=train_trial).get_results()
 
 
-# --- ResultGrid -> trial dicts for risda.ablation_tables.collate_runs ---------------------
+# --- ResultGrid -> trial dicts for risda.runner.ablation.tables.collate_runs -------------
 def trials_from_grid(grid, axes) -> tuple[list[dict], "object"]:
     """(trials, epochs DataFrame). Each trial: config, status (Ray's), error, result (the
     trainer-summary errors: last evaluated epoch, best validation epoch, best test epoch)."""
-    trials_df, epochs_df = raytune.collate(grid, metric="val_error", params=())
+    trials_df, epochs_df = collate(grid, metric="val_error", params=())
     trials = []
     for row in trials_df.to_dict("records"):
         epochs = epochs_df[epochs_df.trial_id == row["trial_id"]] if len(epochs_df) else epochs_df
         config = json.loads(row["config"]) or trial_params(row["path"])
-        config.pop(raytune.STAGE1_CACHE_KEY, None)
+        config.pop(STAGE1_CACHE_KEY, None)
         # The trainer's own summary rides on a trial's last report; the epochs rebuild it otherwise.
         summary = json.loads(row.get("summary") or "{}")
         result = {**summary_from_epochs(epochs, row), **summary, "completed": bool(row.get("completed"))}
@@ -127,7 +133,7 @@ def trials_from_grid(grid, axes) -> tuple[list[dict], "object"]:
 def trial_params(path: str) -> dict:
     """A trial's config from its params.json. A ResultGrid from Tuner.restore has no config
     for a trial that failed before its first report; its directory still has the params."""
-    text = raytune.read_text(f"{path}/params.json") if path else None
+    text = read_text(f"{path}/params.json") if path else None
     return json.loads(text) if text else {}
 
 
@@ -140,15 +146,12 @@ def summary_from_epochs(epochs, row: dict) -> dict:
     if not len(evaluated):
         return out
     last = evaluated.iloc[-1]
-    out.update(test_error=last.test_error, many_error=last.get("test_many_error"),
-               medium_error=last.get("test_medium_error"), few_error=last.get("test_few_error"),
-               last_epoch=last.epoch)
+    out.update(selected_errors(last, "last"), last_epoch=last.epoch)
     best_test = evaluated.loc[evaluated.test_error.idxmin()]
-    out.update(best_test_error=best_test.test_error, best_test_epoch=best_test.epoch)
+    out.update(selected_errors(best_test, "best_test"), best_test_epoch=best_test.epoch)
     if "val_error" in evaluated and evaluated.val_error.notna().any():
         best_val = evaluated.loc[evaluated.val_error.idxmin()]
-        out.update(best_val_error=best_val.val_error, best_val_epoch=best_val.epoch,
-                   test_error_at_best_val=best_val.test_error)
+        out.update(selected_errors(best_val, "best_val"), best_val_error=best_val.val_error, best_val_epoch=best_val.epoch)
     if "train_size" in evaluated:
         out["train_size"] = last.get("train_size")
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}

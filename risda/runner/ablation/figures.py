@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .ablation import axis_label, value_label
-from .ablation_tables import FAILED, METRIC_LABELS, NOT_RUN, OK, PARTIAL, panel_published, panels, row_label, table_title
+from .spec import axis_label, value_label
+from .tables import FAILED, METRIC_LABELS, NOT_RUN, OK, PARTIAL, panel_published, panels, row_label, table_title
 
 MARKS = {FAILED: "failed", NOT_RUN: "not run", PARTIAL: "partial"}
 

@@ -31,12 +31,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from .ablation import (ARM_LABELS, DATASET_LABELS, NUM_CLASSES, axis_label, coerce, published_rows,
-                       value_label)
-from .ablation_tables import (FAILED, METRICS, NOT_RUN, OK, SELECTIONS, failure_lines, fill_from_epochs,
-                              group_axes, summarize_runs)
+from ..config import Config
+from ..data import NUM_CLASSES
+from ..evaluate import GROUPS, SELECTIONS
+from .ablation.spec import ARM_LABELS, DATASET_LABELS, axis_label, coerce, published_rows, value_label
+from .ablation.tables import FAILED, METRICS, NOT_RUN, OK, failure_lines, fill_from_epochs, group_axes, summarize_runs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the checkout this file is in (for git)
 DEFAULT_OUT = "REPRODUCTION.md"   # beside the results folder: results/REPRODUCTION.md
 
 SELECTION_LABELS = {"last": "(a) last epoch", "best_val": "(b) best-val epoch", "best_test": "(c) best-test epoch"}
@@ -47,7 +48,7 @@ SELECTION_NOTES = {
     "best_test": "what the literature reports (model selection on test, never used for any choice): "
                  "the lowest test error over the evaluated epochs, and the groups' errors at that same epoch",
 }
-GROUPS = ("all", "many", "medium", "few")
+COLUMN_GROUPS = ("all", *GROUPS)  # a selection's columns: overall, then each shot group
 ROW_AXES = ("arm", "variant")
 
 
@@ -237,7 +238,6 @@ def wall_time_lines(runs: pd.DataFrame, plan: dict) -> list[str]:
 
 # --- the protocol --------------------------------------------------------------------------
 def _resolved(cfg: dict) -> dict:
-    from .config import Config
     try:
         return Config.from_dict(cfg).resolved().to_dict()
     except Exception:  # noqa: BLE001 - a plan from another version: report what it says
@@ -368,7 +368,7 @@ def main_table(plan: dict, rows: list[dict]) -> list[str]:
     row_axes, _ = layout(plan)
     header = [" / ".join(axis_label(a) for a in row_axes), "seeds ok/planned"]
     for sel in SELECTIONS:
-        header += [f"{SELECTION_LABELS[sel].split(' ')[0]} {g}" for g in GROUPS]
+        header += [f"{SELECTION_LABELS[sel].split(' ')[0]} {g}" for g in COLUMN_GROUPS]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([" --- ", " --- "] + [" ---: "] * (len(header) - 2)) + "|"]
     for r in rows:
         values = [cell_text(r, m) for sel in SELECTIONS for m in SELECTIONS[sel]]
@@ -386,7 +386,7 @@ def published_table(plan: dict, lam: float | None) -> list[str]:
     if not rows:
         return []
     lams = [lam] if lam is not None else sorted({l for r in rows for l in r["errors"]}, reverse=True)
-    head = ["published method", "source"] + ([f"top-1 error (%)"] if lam is not None else [f"λ={l:g}" for l in lams]) + ["our arm"]
+    head = ["published method", "source"] + (["top-1 error (%)"] if lam is not None else [f"λ={l:g}" for l in lams]) + ["our arm"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- ", " --- "] + [" ---: "] * len(lams) + [" --- "]) + "|"]
     for r in rows:
         ours = ("— (no arm of ours is this method)" if r["arm"] is None else

@@ -1,0 +1,221 @@
+"""python ablations/run.py [--spec table5] [--arms risda,ce] [--imbalance 100,10] [--seeds 0,1,2] [trainer flags]
+
+Reruns one of the paper's analyses (a spec in risda/runner/specs/) as one Ray Tune experiment,
+one trial per (arm, imbalance, seed) cell (or whatever axes the spec's [grid] names), and
+collates it into results/<name>/: runs.parquet (one row per cell, failed cells included),
+summary.parquet (mean, std, count over seeds), epochs.parquet, table.md / table.tex, the
+figure (figure.png) and the plan (plan.json). Prints the table in the paper's layout.
+
+    python ablations/run.py --dataset cifar10lt --data-root ../shared/data/cifar10-jpeg --epochs 20 --seeds 0
+    python ablations/run.py --spec fig4_alpha_beta --config results/search/best.json
+    python ablations/run.py --collate-only --name table5          # re-collate, no training
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import ray
+from ray import tune
+
+from ...config import Config, ConfigError, add_config_args, config_overrides
+from ...evaluate import SUMMARY_ERRORS
+from ..cluster import add_runner_args, cluster_summary, experiment_uri, init_ray, storage_uri
+from ..collate import Outcome, write_parquet
+from ..stage1 import Stage1Failed, Stage1Interrupted, describe_stage1, stage1_cache_root
+from ..trainables import absolute_paths
+from .experiment import load_results, run_experiment, saved_plan, trials_from_grid
+from .figures import plot_study
+from .spec import (DEFAULT_SPEC, apply_overrides, axis_label, expand, list_specs, load_spec, make_plan, parse_list,
+                   plan_differences, read_best, value_label)
+from .tables import FAILED, NOT_RUN, OK, collate_runs, failure_lines, latex_table, markdown_table, rich_tables, summarize_runs
+
+# A tiny run checkpoints every few seconds; Ray warns about it on every trial.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# Trainer flags that the ablation runner owns: the grid axes have list flags, Ray places outputs.
+SKIP_FLAGS = ("arm", "imbalance", "seed", "out", "resume", "progress")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[2:]))
+    g = p.add_argument_group("study")
+    g.add_argument("--spec", default=DEFAULT_SPEC, help=f"a spec bundled in risda/runner/specs/ ({', '.join(list_specs())}) or a path to a .toml file (default: {DEFAULT_SPEC})")
+    g.add_argument("--arms", help="comma-separated arms, replacing the spec's arm axis (e.g. risda,ce)")
+    g.add_argument("--imbalance", dest="imbalances", help="comma-separated imbalance factors, replacing the spec's (e.g. 100,10)")
+    g.add_argument("--seeds", help="comma-separated seeds, replacing the spec's (e.g. 0,1,2); a seed is both the subset and the model seed")
+    g.add_argument("--grid", action="append", default=[], metavar="AXIS=V1,V2",
+                   help="set any grid axis (a Config field), e.g. --grid head_count=2,4; repeatable")
+    g.add_argument("--config", metavar="BEST_JSON", help="take the hyperparameters (α, β, head count, lr, ...) from a search's best.json instead of the paper's Table 2")
+    g.add_argument("--metric", help="the error shown in the table and figure (default: the spec's, test_error); e.g. few_error, test_error_at_best_val, best_test_error")
+    g.add_argument("--dry-run", action="store_true", help="print the cells and exit")
+    g.add_argument("--collate-only", action="store_true", help="re-collate an existing experiment into tables and figures without training")
+    add_runner_args(p, default_name="the spec's name")
+    r = p.add_argument_group("output")
+    r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_config_args(p, skip=SKIP_FLAGS)
+    return p
+
+
+def plan_from_args(args):
+    spec = load_spec(args.spec)
+    grid = {}
+    if args.arms:
+        grid["arm"] = parse_list(args.arms)
+    if args.imbalances:
+        grid["imbalance"] = parse_list(args.imbalances)
+    if args.seeds:
+        grid["seed"] = parse_list(args.seeds)
+    for item in args.grid:
+        axis, sep, values = item.partition("=")
+        if not sep or not parse_list(values):
+            raise ConfigError(f"--grid {item!r}: write AXIS=V1,V2 (e.g. --grid head_count=2,4)")
+        grid[axis.strip().replace("-", "_")] = parse_list(values)
+    flags = config_overrides(args)
+    spec, flags, notes = apply_overrides(spec, grid, flags)
+    if args.metric:
+        spec.metric = args.metric
+    best, best_notes = read_best(args.config) if args.config else (None, [])
+    cells, more = expand(spec, flags, best, args.config)
+    more = best_notes + more
+    for c in cells:  # trials run in their own folders
+        c.config = absolute_paths(Config.from_dict(c.config)).to_dict()
+    return make_plan(spec, cells, notes + more)
+
+
+def print_plan(console, plan, name, results_dir, storage):
+    spec = plan["spec"]
+    sizes = " × ".join(f"{len(v)} {a}" for a, v in spec["grid"].items())
+    console.print(f"[bold]{spec['name']}[/]: {len(plan['cells'])} trials ({sizes}) -> {results_dir}  "
+                  f"(Ray experiment {storage}/{name})")
+    for note in plan["notes"]:
+        console.print(f"[yellow]note:[/] {note}")
+
+
+def dry_run(console, plan):
+    from rich.table import Table
+    axes = plan["axes"]
+    t = Table(title=f"{plan['spec']['name']}: {len(plan['cells'])} cells")
+    for a in axes:
+        t.add_column(axis_label(a))
+    t.add_column("α, β from")
+    varying = [f for f in plan["cells"][0]["config"]
+               if f not in axes and len({json.dumps(c["config"][f]) for c in plan["cells"]}) > 1]
+    for f in varying:
+        t.add_column(f)
+    for c in plan["cells"]:
+        t.add_row(*[value_label(a, c["key"][a]) for a in axes], c["hp_source"], *[str(c["config"][f]) for f in varying])
+    console.print(t)
+    fixed = {f: v for f, v in plan["cells"][0]["config"].items() if f not in axes and f not in varying}
+    console.print("fixed: " + ", ".join(f"{k}={v}" for k, v in fixed.items()))
+
+
+def check_same_plan(plan, storage, name):
+    """Continuing an experiment from a different plan would mix old and new trials."""
+    old = saved_plan(storage, name)
+    if old is None or not tune.Tuner.can_restore(experiment_uri(storage, name)):
+        return
+    diffs = plan_differences(old, plan)
+    if diffs:
+        raise ConfigError(f"the Ray experiment {experiment_uri(storage, name)} was started from a different plan ("
+                          + "; ".join(diffs) + "): pass --restart to discard it and start over, or --name NEW for a new experiment")
+
+
+def main(argv=None) -> int:
+    from rich.console import Console
+    console = Console()
+    if not console.is_terminal:  # logs and pipes: keep the paper-layout table on one line per row
+        console = Console(width=max(console.width, 160))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args, console)
+    except ConfigError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        return 2
+
+
+def run(args, console) -> int:
+    plan = plan_from_args(args)
+    name = args.name or plan["spec"]["name"]
+    results_dir = Path(args.results) / name
+    storage = storage_uri(args.storage)
+    if args.collate_only:  # the plan the experiment was run with, not today's flags
+        saved = results_dir / "plan.json"
+        plan = json.loads(saved.read_text()) if saved.exists() else (saved_plan(storage, name) or plan)
+        if args.metric:
+            plan["spec"]["metric"] = args.metric
+    metric = plan["spec"]["metric"]
+    if metric not in SUMMARY_ERRORS:
+        raise ConfigError(f"--metric {metric!r}: choose one of {', '.join(SUMMARY_ERRORS)}")
+    print_plan(console, plan, name, results_dir, storage)
+    if args.dry_run:
+        dry_run(console, plan)
+        return 0
+
+    started = time.time()
+    if args.collate_only:
+        grid = load_results(storage, name)
+    else:
+        if not args.restart:
+            check_same_plan(plan, storage, name)
+        results_dir.mkdir(parents=True, exist_ok=True)
+        (results_dir / "plan.json").write_text(json.dumps(plan, indent=1))
+        we_started = init_ray(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                              include_dashboard=False, logging_level="warning", log_to_driver=False)
+        try:
+            console.print(f"Ray: {cluster_summary()}; per trial {args.cpus_per_trial:g} CPU, {args.gpus_per_trial:g} GPU")
+            if args.gpus_per_trial == 0 and ray.cluster_resources().get("GPU", 0):
+                console.print("[yellow]note:[/] the cluster has GPUs but --gpus-per-trial is 0: trials train on CPUs "
+                              "(e.g. --gpus-per-trial 0.25 packs four trials on a GPU)")
+            cache = stage1_cache_root(args.stage1_cache, storage) if args.shared_stage1 else None
+            try:
+                grid, restored, stage1 = run_experiment(
+                    plan, storage, name, args.cpus_per_trial, args.gpus_per_trial, restart=args.restart,
+                    progress=args.progress, max_failures=args.max_failures, stage1_cache=cache,
+                    retry_errored=args.retry_errored)
+            except Stage1Interrupted as e:
+                console.print(f"[yellow]interrupted:[/] {e}")
+                return 130
+            except Stage1Failed as e:
+                console.print(f"[bold red]error:[/] {e}")
+                return 1
+            if stage1 is not None:
+                console.print(describe_stage1(stage1))
+                results_dir.mkdir(parents=True, exist_ok=True)
+                write_parquet(stage1, results_dir / "stage1.parquet")
+            if restored:
+                console.print("continued the existing experiment (finished trials kept; --restart starts over)")
+        finally:
+            if we_started:
+                ray.shutdown()
+
+    trials, epochs = trials_from_grid(grid, plan["axes"])
+    runs = collate_runs(plan, trials, experiment=experiment_uri(storage, name))
+    summary = summarize_runs(runs, plan)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    if args.collate_only and not (results_dir / "plan.json").exists():
+        (results_dir / "plan.json").write_text(json.dumps(plan, indent=1))
+    write_parquet(runs, results_dir / "runs.parquet")
+    write_parquet(summary, results_dir / "summary.parquet")
+    if len(epochs):
+        write_parquet(epochs, results_dir / "epochs.parquet")
+    (results_dir / "table.md").write_text(markdown_table(plan, runs, summary, metric))
+    (results_dir / "table.tex").write_text(latex_table(plan, runs, summary, metric))
+    figure = plot_study(plan, runs, summary, metric, results_dir / "figure.png")
+
+    for title, table, caption in rich_tables(plan, runs, summary, metric):
+        console.print(f"\n[bold]{title}[/]")
+        console.print(table)
+        if caption:
+            console.print(f"[dim]{caption}[/]")
+    for line in failure_lines(runs):
+        console.print(f"[red]{line}[/]")
+    n_ok = int((runs.status == OK).sum())
+    console.print(f"{n_ok}/{len(runs)} cells ok in {time.time() - started:.0f} s; wrote {results_dir}/"
+                  f"{{runs,summary,epochs}}.parquet, table.md, table.tex, {figure.name}")
+    n_failed, n_unfinished = int((runs.status == FAILED).sum()), int((runs.status == NOT_RUN).sum())
+    return Outcome(n_ok, n_failed, n_unfinished).report(console, retry_hint=True)

@@ -1,0 +1,161 @@
+"""Where an experiment runs: Ray start-up (an embedded local Ray or a cluster), the check that
+a trial's resources fit a node, storage paths (local or any URI pyarrow understands),
+restore-or-new Tuners, and the command-line flags of all of it (`add_runner_args`, shared by
+tune/search.py and ablations/run.py).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from pathlib import Path
+from typing import Callable
+
+import ray
+from ray import tune
+
+from ..config import ConfigError
+from ..storage import delete_dir
+
+LOCAL_STORAGE = "ray_results"      # default storage, relative to the working directory
+
+
+def add_runner_args(parser, default_name: str) -> None:
+    """The flags of where and how an experiment runs, shared by tune/search.py and ablations/run.py."""
+    w = parser.add_argument_group("where it runs (Ray)")
+    w.add_argument("--address", default=None, help="Ray cluster to join: host:port, ray://host:port or auto "
+                                                   "(default: $RAY_ADDRESS, else an embedded local Ray on 127.0.0.1)")
+    w.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray (default: all)")
+    w.add_argument("--num-gpus", type=int, default=None, help="GPUs of the embedded local Ray (default: all)")
+    w.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs per trial (default: 1)")
+    w.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per trial, fractions pack trials on a GPU, "
+                                                                    "e.g. 0.25 (default: 0)")
+    w.add_argument("--max-failures", type=int, default=0, help="retries of a failed trial from its last checkpoint (default: 0)")
+    w.add_argument("--storage", default=None, help=f"Ray experiment storage: a path or a URI pyarrow understands "
+                                                   f"(s3://, gs://; shared by all nodes) (default: ./{LOCAL_STORAGE})")
+    w.add_argument("--name", default=None, help=f"experiment name (default: {default_name})")
+    w.add_argument("--results", default="results", help="tables go to <results>/<name>/ (default: results)")
+    w.add_argument("--restart", action="store_true", help="delete the experiment of this name and start over")
+    w.add_argument("--retry-errored", action="store_true", help="on resume, also continue the trials that failed, from "
+                                                                "their last checkpoint (e.g. after a crash killed them)")
+    w.add_argument("--shared-stage1", action=argparse.BooleanOptionalAction, default=True,
+                   help="train each distinct stage I once and fork every trial's stage II from it (default: on; "
+                        "--no-shared-stage1 trains each trial's own stage I)")
+    w.add_argument("--stage1-cache", default=None, metavar="DIR|URI",
+                   help="the stage-I cache, shared by searches and ablations over the same base config "
+                        "(default: <storage>/stage1)")
+
+
+# --- the cluster ----------------------------------------------------------------------------
+def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
+             **options) -> bool:
+    """Connect to the cluster at `address` (or $RAY_ADDRESS); with neither, start an embedded
+    local Ray with num_cpus/num_gpus (default: what the machine has). `options` go to
+    ray.init either way (e.g. include_dashboard=False, logging_level="warning").
+
+    Returns True when this call initialised Ray (the caller shuts it down), False when Ray
+    was already initialised, e.g. by a test fixture or a notebook."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)
+        options.pop("include_dashboard", None)  # only meaningful when starting Ray
+        try:
+            ray.init(address=address, **options)
+        except ConnectionError as e:  # something answers there, but not a Ray cluster
+            raise ConfigError(f"{e}: is a Ray head node (`ray start --head`) running at {address}? "
+                              f"Fix --address / RAY_ADDRESS, or drop it to run on an embedded local Ray") from None
+    else:
+        # "local" and not None: None would attach to a cluster someone `ray start`ed here.
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **options)
+    return True
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Raise ConfigError quickly when nothing listens at a host:port address (ray.init
+    itself would retry for a minute and then fail with a less helpful message)."""
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address {address!r} is not host:port (or ray://host:port, or auto)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"no Ray cluster answers at {address} ({e}): start one there with "
+                          f"`ray start --head --port {port}`, fix --address / RAY_ADDRESS, "
+                          f"or drop --address to run on an embedded local Ray") from None
+
+
+def trial_resources(cpus_per_trial: float, gpus_per_trial: float) -> dict:
+    """What one trial reserves, checked against the live cluster: Ray would leave a trial that
+    fits on no node PENDING forever, so that is a ConfigError here instead. Fractional GPUs
+    are bookkeeping only (0.25 packs four trials on one GPU)."""
+    if cpus_per_trial <= 0:
+        raise ConfigError(f"--cpus-per-trial must be > 0, got {cpus_per_trial}")
+    if not 0 <= gpus_per_trial <= 1:
+        raise ConfigError(f"--gpus-per-trial must be in [0, 1] (the trainer uses one device; fractions pack "
+                          f"several trials on a GPU), got {gpus_per_trial}")
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    most_cpus = max((n.get("CPU", 0) for n in nodes), default=0)
+    most_gpus = max((n.get("GPU", 0) for n in nodes), default=0)
+    total_gpus = sum(n.get("GPU", 0) for n in nodes)
+    if gpus_per_trial > most_gpus:
+        raise ConfigError(f"--gpus-per-trial {gpus_per_trial:g} but no node of the cluster has that many GPUs "
+                          f"(largest node: {most_gpus:g}, cluster total: {total_gpus:g}); lower --gpus-per-trial "
+                          f"(0 trains on CPUs) or connect to a cluster with GPUs (--address)")
+    if cpus_per_trial > most_cpus:
+        raise ConfigError(f"--cpus-per-trial {cpus_per_trial:g} but the largest node has {most_cpus:g} CPUs; "
+                          f"lower --cpus-per-trial")
+    return {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
+
+
+def cluster_summary() -> str:
+    """One line: nodes, CPUs and GPUs of the live cluster."""
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    total = lambda k: sum(n.get(k, 0) for n in nodes)
+    return f"{len(nodes)} node(s), {total('CPU'):g} CPUs, {total('GPU'):g} GPUs"
+
+
+# --- storage ----------------------------------------------------------------------------------
+def storage_uri(storage: str | None) -> str:
+    """An absolute local path (default ./ray_results), or a URI as given (s3://, gs://,
+    file://, anything pyarrow understands; on a multi-node cluster it must be shared)."""
+    if storage and "://" in storage:
+        return storage.rstrip("/")
+    return str(Path(storage or LOCAL_STORAGE).expanduser().resolve())
+
+
+def experiment_uri(storage: str, name: str) -> str:
+    return f"{storage.rstrip('/')}/{name}"
+
+
+def restore_or_new_tuner(path: str, trainable, new_tuner: Callable[[], tune.Tuner],
+                         restart: bool = False, retry_errored: bool = False) -> tuple[tune.Tuner, bool]:
+    """(Tuner, restored). Tuner.restore(path) when a restorable experiment is there: finished
+    trials are kept, unfinished ones continue from their last checkpoint, the searcher and
+    scheduler continue from their saved state. Errored trials stay errored unless
+    retry_errored (then they continue from their last checkpoint too: for trials that a
+    crash or a lost node killed). Otherwise (or with restart=True, which deletes the old
+    experiment first) `new_tuner()`. `trainable` must be the one the experiment was created with."""
+    if restart:
+        delete_dir(path)
+    if tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=retry_errored), True
+    return new_tuner(), False
+
+
+def check_writable(path: str | Path, flag: str) -> None:
+    """A local output folder that can be created and written, checked before Ray starts."""
+    if "://" in str(path):
+        return
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".risda-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{flag} {path} is not writable ({e.strerror or e}); choose a folder you can write to") from None

@@ -1,0 +1,470 @@
+"""Hyperparameter search: the trainer, unchanged, as Ray Tune trials that Optuna (TPE) steers.
+
+    python tune/search.py --dataset cifar100lt --data-root data --imbalance 100 --num-samples 32
+
+It tunes what the paper tuned by hand (α, β: Table 2 and Fig. 4; head_count: Fig. 5) on a
+balanced validation split held out of the training pool, never on the test set: the
+search metric is the validation error of each trial's final model. Test errors (overall,
+many/medium/few) are recorded beside it.
+
+Every run flag of `python -m risda.train` is accepted (they come from risda.config). A
+run flag that names a searched parameter fixes it (`--head-count 20` searches α, β only).
+
+Seeds: every trial uses the same data subset (--subset-seed) and, by default, the same
+model seed (--seed): trials then differ only in their hyperparameters (common random
+numbers), which makes TPE's comparisons less noisy. Search over seeds with --space
+"seed=0|1|2,..." if you want that noise in the search.
+
+Runs on an embedded local Ray unless --address / RAY_ADDRESS names a cluster. Re-running
+the same command (same --name, default derived from the flags) resumes the experiment:
+finished trials are kept, unfinished ones continue from their last checkpoint, the Optuna
+sampler continues from its saved state. --restart starts over.
+
+Outputs in results/<name>/: trials.parquet (one row per trial, failed ones included),
+epochs.parquet (one row per trial per evaluated epoch), best.json (the best config; feed it
+to the ablation runner with --config).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import time
+import typing
+from dataclasses import fields
+from pathlib import Path
+
+import ray
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from ..checkpoint import RESUMABLE_CHANGES
+from ..config import Config, ConfigError, add_config_args, config_overrides, parse_field
+from ..data import NUM_CLASSES, load_long_tail
+from ..evaluate import error_names
+from ..presets import TABLE2
+from ..stage1 import BOOKKEEPING_FIELDS, STAGE2_FIELDS, shares_stage1
+from ..storage import read_text, write_text
+from .cluster import (add_runner_args, check_writable, cluster_summary, experiment_uri, init_ray, restore_or_new_tuner,
+                      storage_uri, trial_resources)
+from .collate import Outcome, best_trial, collate, write_parquet
+from .progress import RichProgress, print_top
+from .stage1 import Stage1Failed, Stage1Interrupted, describe_stage1, ensure_stage1, stage1_cache_root
+from .trainables import STAGE1_CACHE_KEY, absolute_paths, train_trial, trial_dirname
+
+METRIC, MODE = "val_error", "min"
+# The paper's ranges on CIFAR-100-LT (Fig. 4, Fig. 5). head_count is a share of the classes:
+# 10-40 of 100 there, so 1-4 of CIFAR-10's 10 (10 or more would make every class head).
+DEFAULT_SPACE = "alpha=0.25:1.5, beta=0.25:1.5, head_count=10|20|30|40"
+HEAD_SHARES = (0.1, 0.2, 0.3, 0.4)
+PAPER_HEAD_SHARE = 0.2  # 20 head classes of 100
+DEFAULT_VAL_PER_CLASS = 20  # ImageNet-LT has its own validation list and keeps 0
+IDENTITY_FILE = "risda_search.json"  # beside Ray's experiment state: what the experiment is
+# Run flags a trial controls itself (its own out dir, no progress bar, Tune's checkpoints).
+TRIAL_MANAGED = ("out", "resume", "progress")
+
+
+# --- the search space --------------------------------------------------------------------------
+def field_type(name: str) -> type:
+    """int, float, str or bool of a Config field (`int | None` -> int)."""
+    hint = typing.get_type_hints(Config)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def parse_value(name: str, text: str):
+    """A --space choice in its field's type: risda.config.parse_field ('flase' is an error, 'none' is None)."""
+    return parse_field(name, text)
+
+
+def parse_space(text: str) -> dict[str, str]:
+    """'alpha=0.25:1.5, head_count=10|20' or a file with one such entry a line (# comments)
+    -> {name: spec}. A spec is lo:hi (uniform; int fields give integers), lo:hi:log, or
+    a|b|c (a choice). Names are Config fields."""
+    path = Path(text).expanduser()
+    if path.is_file():
+        text = ",".join(line.split("#", 1)[0] for line in path.read_text().splitlines())
+    names = {f.name for f in fields(Config)}
+    space = {}
+    for item in filter(None, (s.strip() for s in text.replace("\n", ",").split(","))):
+        name, eq, spec = (s.strip() for s in item.partition("="))
+        if not eq or not spec:
+            raise ConfigError(f"--space entry {item!r} is not name=lo:hi, name=lo:hi:log or name=a|b|c")
+        if name not in names:
+            raise ConfigError(f"--space names {name!r}, which is not a run setting; choose from: {', '.join(sorted(names))}")
+        if name in TRIAL_MANAGED:
+            raise ConfigError(f"--space cannot search {name!r}: each trial sets it itself")
+        space[name] = spec
+        optuna_distribution(name, spec)  # fail now on a bad spec, not inside the searcher
+    if not space:
+        raise ConfigError("--space is empty: give at least one name=spec")
+    return space
+
+
+def optuna_distribution(name: str, spec: str):
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    try:
+        if "|" in spec:
+            return CategoricalDistribution([parse_value(name, v) for v in spec.split("|")])
+        lo, hi, *log = spec.split(":")
+        if log not in ([], ["log"]) or field_type(name) not in (int, float):
+            raise ValueError
+        if field_type(name) is int:
+            return IntDistribution(int(lo), int(hi), log=bool(log))
+        return FloatDistribution(float(lo), float(hi), log=bool(log))
+    except ConfigError as e:  # a choice that is not a value of the field (nesterov=true|flase)
+        raise ConfigError(f"--space {name}={spec}: {e}") from None
+    except ValueError:
+        raise ConfigError(f"--space {name}={spec}: expected lo:hi, lo:hi:log (numeric fields) or a|b|c "
+                          f"of {field_type(name).__name__} values (low <= high, log needs low > 0)") from None
+
+
+def in_space(dist, value) -> bool:
+    if hasattr(dist, "choices"):
+        return value in dist.choices
+    return dist.low <= value <= dist.high
+
+
+def head_counts(num_classes: int, shares=HEAD_SHARES) -> list[int]:
+    return sorted({max(1, round(f * num_classes)) for f in shares})
+
+
+def default_space(cfg: Config, num_classes: int) -> dict[str, str]:
+    """α, β as in the paper; head_count as 10-40% of the classes, unless head classes are
+    chosen by size (--head-min-count; ImageNet-LT, iNaturalist), where it does nothing."""
+    space = parse_space(DEFAULT_SPACE)
+    if cfg.resolved().head_min_count is None:
+        space["head_count"] = "|".join(map(str, head_counts(num_classes)))
+    else:
+        del space["head_count"]
+    return space
+
+
+def paper_point(imbalance: float, space: dict, num_classes: int = 100) -> dict | None:
+    """Table 2's (α, β, 20% of the classes as head) for this imbalance factor, restricted to
+    the searched names whose paper value lies in the space; None when Table 2 has no such λ."""
+    if imbalance not in TABLE2:
+        return None
+    alpha, beta = TABLE2[imbalance]
+    point = {"alpha": alpha, "beta": beta, "head_count": head_counts(num_classes, [PAPER_HEAD_SHARE])[0]}
+    point = {k: v for k, v in point.items() if k in space and in_space(optuna_distribution(k, space[k]), v)}
+    return point or None
+
+
+# --- the parts of the experiment ---------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="run configuration flags fix the settings every trial shares; "
+                                       f"--val-per-class defaults to {DEFAULT_VAL_PER_CLASS} here")
+    s = p.add_argument_group("search")
+    s.add_argument("--num-samples", type=int, default=16, help="trials to run (default: 16)")
+    s.add_argument("--space", default=None, help=f"what to search: 'name=lo:hi, name=lo:hi:log, name=a|b|c' or a file "
+                                                 f"with one entry a line (default: '{DEFAULT_SPACE}' on CIFAR-100, "
+                                                 f"head_count 10-40%% of the classes elsewhere; minus the names fixed by run flags)")
+    s.add_argument("--search-seed", type=int, default=0, help="seed of the TPE sampler (default: 0)")
+    s.add_argument("--enqueue-paper", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the paper's Table 2 point for --imbalance as the first trial (default: on)")
+    s.add_argument("--scheduler", choices=("asha", "none"), default="asha", help="early stopping (default: asha)")
+    s.add_argument("--grace-period", type=int, default=None,
+                   help="ASHA: stage-II epochs before a trial can be stopped (default: the first evaluated epoch of "
+                        "stage II; ASHA's time axis and budget count stage-II epochs)")
+    s.add_argument("--max-concurrent", type=int, default=4, help="trials running at once, 0 = as many as fit (default: 4)")
+    s.add_argument("--optuna-storage", default=None, help="persist the Optuna study: sqlite:///study.db (any SQLAlchemy URL) "
+                                                          "or a journal file path, for optuna-dashboard and friends")
+    add_runner_args(p, default_name="search-<dataset>-<arm>-lt<imbalance>")
+    add_config_args(p, skip=TRIAL_MANAGED)
+    return p.parse_args(argv)
+
+
+def base_config(args) -> Config:
+    """The settings every trial shares: run flags over the search defaults."""
+    given = config_overrides(args)
+    dataset = given.get("dataset", Config.dataset)
+    defaults = {} if dataset == "imagenetlt" else {"val_per_class": DEFAULT_VAL_PER_CLASS}
+    cfg = absolute_paths(Config(**{**defaults, **given}).validate())
+    if cfg.val_per_class == 0 and cfg.dataset != "imagenetlt":
+        raise ConfigError("a validation split is mandatory for search (it tunes on validation, never on test): "
+                          f"pass --val-per-class N (e.g. {DEFAULT_VAL_PER_CLASS})")
+    return cfg
+
+
+def search_space(args, given: dict, cfg: Config, num_classes: int) -> dict[str, str]:
+    """--space, or the default space minus the names a run flag fixed."""
+    if args.space is None:
+        return {k: v for k, v in default_space(cfg, num_classes).items() if k not in given}
+    space = parse_space(args.space)
+    clash = sorted(set(space) & set(given))
+    if clash:
+        raise ConfigError(f"{', '.join('--' + c.replace('_', '-') for c in clash)} fixes what --space searches; drop one of them")
+    return space
+
+
+def check_data(cfg: Config) -> dict:
+    """Build the splits once on the driver: bad data flags fail here, not in every trial,
+    an image cache is filled once, and an empty validation split is an error."""
+    import torch
+    data = load_long_tail(cfg, torch.device("cpu"))
+    if data.val is None or len(data.val) == 0:
+        raise ConfigError("the validation split is empty; a search needs one: pass --val-per-class N "
+                          f"(e.g. {DEFAULT_VAL_PER_CLASS})")
+    return {**data.info, "num_classes": data.num_classes}
+
+
+def default_name(cfg: Config) -> str:
+    return f"search-{cfg.dataset}-{cfg.arm}-lt{cfg.imbalance:g}"
+
+
+def default_grace_period(cfg: Config) -> int:
+    """The first evaluated epoch of stage II, in stage-II epochs: α, β and head_count act only
+    in stage II, so before it every trial is the same run and ASHA would compare noise."""
+    c = cfg.resolved()
+    first = next(e + 1 for e in range(c.stage1_epochs, c.epochs) if (e + 1) % c.eval_every == 0 or e + 1 == c.epochs)
+    return first - c.stage1_epochs
+
+
+def optuna_storage(spec: str | None):
+    """None (in memory, saved with Ray's searcher state), an RDB URL, or a journal file."""
+    if not spec:
+        return None
+    import optuna
+    if "://" in spec:
+        if spec.startswith("sqlite:///"):  # relative to where the command runs; the folder may not exist yet
+            db = Path(spec[len("sqlite:///"):]).expanduser().resolve()
+            db.parent.mkdir(parents=True, exist_ok=True)
+            spec = f"sqlite:///{db}"
+        try:
+            return optuna.storages.RDBStorage(spec)
+        except Exception as e:  # SQLAlchemy's errors: bad URL, missing driver, unreachable server
+            raise ConfigError(f"--optuna-storage {spec}: {e}") from None
+    from optuna.storages.journal import JournalFileBackend
+    path = Path(spec.removeprefix("journal:")).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def fresh_study(storage, name: str, restart: bool) -> None:
+    """A new experiment needs a new study: delete the old one with --restart, else refuse
+    (TPE would otherwise learn from trials this experiment never ran)."""
+    if storage is None:
+        return
+    import optuna
+    if name not in [s.study_name for s in optuna.get_all_study_summaries(storage)]:
+        return
+    if not restart:
+        raise ConfigError(f"the Optuna storage already holds a study named {name!r} but there is no Ray experiment to "
+                          f"resume; pass --restart to delete the study, or choose another --name")
+    optuna.delete_study(study_name=name, storage=storage)
+
+
+class EvaluatedOptunaSearch(OptunaSearch):
+    """OptunaSearch that hears only the reports carrying the metric: trials report every epoch,
+    the validation error only on evaluated ones (OptunaSearch would raise a KeyError). A
+    top-level class of an importable module: Ray pickles the searcher with the experiment."""
+
+    def on_trial_result(self, trial_id: str, result: dict):
+        if self.metric in result:
+            super().on_trial_result(trial_id, result)
+
+
+def make_search_alg(space: dict, args, cfg: Config, storage, name: str, point: dict | None):
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    # TPE starts with random trials (Optuna's default: 10); with a small budget, half of it.
+    sampler = optuna.samplers.TPESampler(seed=args.search_seed, n_startup_trials=min(10, max(1, args.num_samples // 2)))
+    searcher = EvaluatedOptunaSearch(space={k: optuna_distribution(k, v) for k, v in space.items()}, metric=METRIC, mode=MODE,
+                                     points_to_evaluate=[point] if point else None, sampler=sampler,
+                                     storage=storage, study_name=name)
+    return ConcurrencyLimiter(searcher, max_concurrent=args.max_concurrent) if args.max_concurrent > 0 else searcher
+
+
+def make_scheduler(args, cfg: Config):
+    if args.scheduler == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+    grace = args.grace_period or default_grace_period(cfg)
+    stage2 = cfg.epochs - cfg.resolved().stage1_epochs
+    if not 1 <= grace <= stage2:
+        raise ConfigError(f"--grace-period must be in [1, {stage2}] (stage-II epochs), got {grace}")
+    # Stage-II epochs, the only ones in which trials differ; ASHA skips the reports between
+    # evaluations (they carry no val_error).
+    return ASHAScheduler(time_attr="stage2_epochs_done", max_t=stage2, grace_period=grace)
+
+
+def experiment_identity(cfg: Config, space: dict, args) -> dict:
+    """What the experiment is (everything but where it runs): a resumed experiment must be
+    the same, because Tuner.restore keeps the original settings whatever the flags say."""
+    config = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
+    return dict(config=config, space=space, metric=METRIC, num_samples=args.num_samples, search_seed=args.search_seed,
+                enqueue_paper=args.enqueue_paper, scheduler=args.scheduler, grace_period=args.grace_period,
+                max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial,
+                gpus_per_trial=args.gpus_per_trial, max_failures=args.max_failures, shared_stage1=args.shared_stage1)
+
+
+def check_same_experiment(path: str, identity: dict) -> None:
+    text = read_text(f"{path}/{IDENTITY_FILE}")
+    if text is None:
+        return
+    saved = json.loads(text)
+    now = json.loads(json.dumps(identity))  # same JSON types (tuples -> lists) as the saved one
+    diffs = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if k != "config" and saved.get(k) != now[k]]
+    diffs += [f"--{k.replace('_', '-')}: {saved['config'].get(k)!r} -> {v!r}"
+              for k, v in now["config"].items() if saved.get("config", {}).get(k) != v]
+    if diffs:
+        raise ConfigError(f"experiment {path} was started with other settings ({'; '.join(diffs)}). Ray resumes an "
+                          f"experiment as it was created: rerun with the original flags, add --restart to start over, "
+                          f"or pick another --name")
+
+
+def stage1_configs(cfg: Config, space: dict, args, console) -> list[Config] | None:
+    """The base configs whose stage Is the trials will fork, or None for independent trials.
+
+    The searched names normally act in stage II only: one stage I serves every trial. A searched
+    stage-I field with a few choices (seed=0|1|2) means one stage I per choice; a continuous one
+    means a new stage I per trial, which sharing cannot save: then every trial trains its own."""
+    if not args.shared_stage1 or not shares_stage1(cfg):
+        return None
+    stage1_names = [k for k in space if k not in STAGE2_FIELDS | BOOKKEEPING_FIELDS]
+    dists = {k: optuna_distribution(k, space[k]) for k in stage1_names}
+    continuous = [k for k, d in dists.items() if not hasattr(d, "choices")]
+    if continuous:
+        console.log(f"note: {', '.join(continuous)} change stage I and are searched over a range: every trial "
+                    f"trains its own stage I (sharing saves nothing there)")
+        return None
+    choices = [[(k, v) for v in d.choices] for k, d in dists.items()]
+    return [Config(**{**cfg.to_dict(), **dict(combo)}) for combo in itertools.product(*choices)]
+
+
+# --- outputs ---------------------------------------------------------------------------------------
+def write_results(grid, out: Path, params: list[str], info: dict, stage1=None) -> tuple:
+    """trials.parquet, epochs.parquet, stage1.parquet and best.json in `out`; returns
+    (trials, best row). best.json comes only from a trial that ran all its epochs, and says how
+    many did; with none, an earlier best.json is removed rather than left looking current."""
+    trials, epochs = collate(grid, metric=METRIC, params=params)
+    for k in ("search_seed", "experiment"):
+        trials[k] = info[k]
+    write_parquet(trials, out / "trials.parquet")
+    write_parquet(epochs, out / "epochs.parquet")
+    if stage1 is not None:
+        write_parquet(stage1, out / "stage1.parquet")
+    best = best_trial(trials, METRIC)
+    best_path = out / "best.json"
+    if best is None:
+        best_path.unlink(missing_ok=True)
+        return trials, None
+    ok = trials[trials["completed"] & (trials["status"] == "TERMINATED")]
+    best_json = {
+        "config": json.loads(best["config"]), "params": {p: _plain(best[p]) for p in params},
+        "metric": METRIC, "value": _plain(best[f"final_{METRIC}"]), "completed": True,
+        "trial_id": best["trial_id"], **{k: _plain(best[f"final_{k}"]) for k in error_names("test_")},
+        "trials_completed": int(len(ok)), "trials_requested": info["num_samples"],
+        "trials_failed": int((trials["status"] == "ERROR").sum()), **info}
+    tmp = out / "best.json.tmp"
+    tmp.write_text(json.dumps(best_json, indent=2))
+    tmp.replace(best_path)
+    return trials, best
+
+
+def _plain(v):
+    """numpy scalars and NaN -> JSON."""
+    if hasattr(v, "item"):
+        v = v.item()
+    return None if isinstance(v, float) and v != v else v
+
+
+# --- main ------------------------------------------------------------------------------------------
+def main(argv=None, trainable=None) -> int:
+    """Run (or resume) the search; `trainable` replaces trainables.train_trial (tests only).
+
+    Exit codes: 0 every requested trial finished (ran its epochs, or ASHA stopped it); 1 some
+    failed or are unfinished (the message says how many); 2 bad input; 130 interrupted (the
+    state is saved: rerun the same command)."""
+    from rich.console import Console
+    console = Console(stderr=True)
+    # Tune warns when checkpoints force frequent state snapshots: they are what make resuming exact.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Trials report every epoch; the metric only on evaluated ones.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    args = parse_args(argv)
+    owns_ray = False
+    started = time.time()
+    try:
+        cfg = base_config(args)
+        on_cluster = bool(args.address or os.environ.get("RAY_ADDRESS"))
+        num_classes = NUM_CLASSES.get(cfg.dataset, 100)
+        if not on_cluster or Path(cfg.data_root).exists():  # a cluster's data may live on its nodes only
+            data_info = check_data(cfg)
+            num_classes = data_info["num_classes"]
+            console.log(f"data: {data_info['train_size']} train / {data_info['val_size']} val / "
+                        f"{data_info['test_size']} test images, {num_classes} classes ({data_info['source']})")
+        space = search_space(args, config_overrides(args), cfg, num_classes)
+        point = paper_point(cfg.imbalance, space, num_classes) if args.enqueue_paper else None
+        name = args.name or default_name(cfg)
+        storage = storage_uri(args.storage)
+        path = experiment_uri(storage, name)
+        out = Path(args.results).expanduser().resolve() / name
+        check_writable(out, "--results")
+        check_writable(storage, "--storage")
+        params = list(space)
+        identity = experiment_identity(cfg, space, args)
+        if not args.restart and tune.Tuner.can_restore(path):
+            check_same_experiment(path, identity)
+        shared = stage1_configs(cfg, space, args, console)
+        cache_root = stage1_cache_root(args.stage1_cache, storage) if shared else None
+        make_scheduler(args, cfg)  # a bad --grace-period fails before Ray starts
+        owns_ray = init_ray(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                                    logging_level="warning")
+        resources = trial_resources(args.cpus_per_trial, args.gpus_per_trial)
+        console.log(f"ray: {cluster_summary()}; per trial {resources}")
+        stage1 = None
+        if shared:
+            stage1 = ensure_stage1(shared, cache_root, storage, name, resources, args.max_failures)
+            console.log(describe_stage1(stage1))
+        train = tune.with_resources(trainable or train_trial, resources)
+        study_storage = optuna_storage(args.optuna_storage)
+        param_space = {**cfg.to_dict(), **({STAGE1_CACHE_KEY: cache_root} if cache_root else {})}
+
+        def new_tuner():
+            fresh_study(study_storage, name, args.restart)
+            return tune.Tuner(
+                train, param_space=param_space,
+                tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=args.num_samples,
+                                            search_alg=make_search_alg(space, args, cfg, study_storage, name, point),
+                                            scheduler=make_scheduler(args, cfg),
+                                            trial_dirname_creator=trial_dirname),
+                run_config=tune.RunConfig(
+                    name=name, storage_path=storage, verbose=0,
+                    callbacks=[RichProgress(args.num_samples, METRIC, params)],
+                    failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+
+        tuner, restored = restore_or_new_tuner(path, train, new_tuner, restart=args.restart,
+                                               retry_errored=args.retry_errored)
+        if not restored:
+            write_text(f"{path}/{IDENTITY_FILE}", json.dumps(identity, indent=1))
+        console.log(f"{'resuming' if restored else 'new'} experiment {path}: {args.num_samples} trials over "
+                    + ", ".join(f"{k}={v}" for k, v in space.items())
+                    + (f"; first trial: paper Table 2 point {point}" if point and not restored else ""))
+        grid = tuner.fit()
+        trials, best = write_results(grid, out, params, dict(search_seed=args.search_seed, experiment=path, name=name,
+                                                             num_samples=args.num_samples), stage1)
+    except Stage1Interrupted as e:
+        console.print(f"[yellow]interrupted:[/yellow] {e}")
+        return 130
+    except (ConfigError, Stage1Failed) as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2 if isinstance(e, ConfigError) else 1
+    finally:
+        if owns_ray:
+            ray.shutdown()
+    print_top(trials, METRIC, params, title=f"{name}: top trials by final {METRIC}")
+    outcome = Outcome.of(trials, args.num_samples)
+    if best is not None:
+        shown = ", ".join(f"{p}={v:.4g}" if isinstance(v, float) else f"{p}={v}" for p, v in ((p, _plain(best[p])) for p in params))
+        console.print(f"best of {outcome.done} finished trial(s): {shown}  {METRIC} {best[f'final_{METRIC}']:.2f}  "
+                      f"test {best['final_test_error']:.2f}  -> {out / 'best.json'}")
+    else:
+        console.print("[red]no trial ran all its epochs: no best.json[/red]")
+    console.print(f"wrote {out}/trials.parquet, epochs.parquet{', stage1.parquet' if stage1 is not None else ''}"
+                  f"{', best.json' if best is not None else ''} ({len(trials)} trials, {time.time() - started:.0f}s)")
+    return outcome.report(console, retry_hint=True)

@@ -1,0 +1,204 @@
+"""The trainer as Ray Tune function trainables: `train_trial` (one `risda.train` run, or its
+stage II forked from a shared stage I) and `train_stage1_trial` (one shared stage I), with
+what a trial needs around them: its scratch folder, seeds and threads, its device, the
+checkpoint Tune restores it with.
+
+The trainable takes a plain dict of risda.config.Config fields (param_space constants
+merged with what a searcher suggests), so a trial is exactly one `risda.train` run.
+Only `ray.tune` is used inside a trial (`ray.train.report` is an error in Tune trials).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import ray
+from ray import tune
+
+from .. import storage
+from ..config import Config
+from ..stage1 import Stage1Cache, needs_observations, shares_stage1, stage1_key
+from ..trainer import device_name, pick_device, train
+
+CHECKPOINT_FILE = "checkpoint.pt"  # the trainer's file; Tune checkpoints hold just this one
+STAGE1_CACHE_KEY = "stage1_cache"  # in a trial's config: the stage-I cache to fork from (not a Config field)
+
+
+# --- the trainables ------------------------------------------------------------------------
+def train_trial(config: dict) -> None:
+    """Ray Tune function trainable: one trainer run of `Config.from_dict(config)`.
+
+    Reports every epoch with `tune.report` (train_loss, train_error, images_per_s, stage;
+    the evaluation fields val_error, test_error, test_many/medium/few_error every eval_every
+    epochs and at the last), plus epochs_done, stage2_epochs_done (ASHA's time axis) and the
+    trial facts (risda.runner.collate.TRIAL_FACTS); the last report also carries the trainer's
+    summary (`summary_*`). It attaches the trainer's checkpoint.pt as a Tune checkpoint on every
+    checkpointed epoch and resumes from
+    `tune.get_checkpoint()` when Tune restores the trial. With config["stage1_cache"] (a cache
+    root, see risda.stage1) a fresh trial forks stage II from the cached stage I instead of
+    training it. Wrap it with `tune.with_resources(train_trial, trial_resources(...))`."""
+    config = dict(config)
+    cache_root = config.pop(STAGE1_CACHE_KEY, None)
+    with trial_scratch() as out:
+        cfg = trial_config(config, out)
+        facts = trial_facts(cfg)
+        resume_from = restore_trial_checkpoint(out)
+        stage1_from = None
+        if resume_from is None and cache_root and shares_stage1(cfg):
+            cache = Stage1Cache(cache_root)
+            if cache.lookup(cfg, needs_observations(cfg)) is None:
+                raise RuntimeError(f"stage I {stage1_key(cfg)} is not in the cache {cache_root}: the runner trains "
+                                   f"every stage I before the stage-II trials; rerun the same command")
+            stage1_from = cache.fetch(cfg, out / "stage1.pt")
+        if cache_root and shares_stage1(cfg):
+            facts["stage1_key"] = stage1_key(cfg)
+        final = {}
+        stage1_epochs = cfg.resolved().stage1_epochs
+
+        def on_epoch(record: dict, checkpoint: Path | None) -> None:
+            metrics = {**record, "epochs_done": record["epoch"] + 1,
+                       "stage2_epochs_done": max(0, record["epoch"] + 1 - stage1_epochs), **facts}
+            if record["epoch"] + 1 == cfg.epochs:  # reported below, with the summary
+                final.update(metrics=metrics, checkpoint=checkpoint)
+                return
+            report(metrics, checkpoint)
+
+        summary = train(cfg, on_epoch=on_epoch, resume_from=resume_from, stage1_from=stage1_from)
+        scalars = {f"summary_{k}": v for k, v in summary.items() if isinstance(v, (int, float, str)) or v is None}
+        last = final or {"metrics": {"epochs_done": cfg.epochs, **facts}, "checkpoint": None}  # restored at its end
+        report({**last["metrics"], **scalars}, last["checkpoint"])
+
+
+def train_stage1_trial(config: dict) -> None:
+    """Ray Tune function trainable: the shared stage I of one stage-I key (risda.stage1).
+
+    config: {"job": {"config": <Config dict>, "observations": bool, "stage1_cache": root}}.
+    Reports every epoch; keeps its resumable checkpoint in the cache (<key>/partial.pt), so a
+    rerun, a retry or another experiment over the same stage I continues it; stores the
+    finished stage I in the cache and reports its key."""
+    job = config["job"]
+    cfg_dict, observations, cache = job["config"], bool(job["observations"]), Stage1Cache(job[STAGE1_CACHE_KEY])
+    with trial_scratch() as out:
+        cfg = trial_config(cfg_dict, out)
+        key = stage1_key(cfg)
+        facts = {**trial_facts(cfg), "stage1_key": key}
+        if cache.lookup(cfg, observations) is not None:
+            tune.report({"epochs_done": cfg.resolved().stage1_epochs, "cached": True, **facts})
+            return
+        partial = cache.partial(cfg)
+        resume_from = storage.download(partial, out / "checkpoint.pt") if storage.exists(partial) else None
+
+        def on_epoch(record: dict, checkpoint: Path | None) -> None:
+            if checkpoint is not None:
+                storage.upload(checkpoint, partial)
+            tune.report({**record, "epochs_done": record["epoch"] + 1, "cached": False, **facts})
+
+        done = train(cfg, on_epoch=on_epoch, resume_from=resume_from, stage1_only=True, observe_reference=observations)
+        cache.store(cfg, Path(done["checkpoint"]), {"observations": observations, "wall_time_s": done["wall_time_s"],
+                                                    "precision": done["precision"], "device": facts["device"],
+                                                    "epochs": cfg.resolved().stage1_epochs, "train_size": done["train_size"],
+                                                    "trial_id": tune.get_context().get_trial_id()})
+        storage.delete_file(partial)
+
+
+def report(metrics: dict, checkpoint: Path | None) -> None:
+    if checkpoint is None:
+        tune.report(metrics)
+        return
+    # Tune copies the directory into its storage during report(), so a temporary copy is
+    # enough and the trainer can keep overwriting its own file.
+    with tempfile.TemporaryDirectory() as d:
+        shutil.copy2(checkpoint, Path(d) / CHECKPOINT_FILE)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+@contextlib.contextmanager
+def trial_scratch():
+    """The trainer's out dir: scratch, removed however the trial ends. Tune copies its trial
+    dir to storage while the trial runs, which stored stale copies of checkpoint.pt; all the
+    trainer writes is in the reports anyway."""
+    # Ray logs a line per persisted checkpoint from every trial; it drowns the driver's progress.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    out = Path(tempfile.mkdtemp(prefix=f"risda-trial-{tune.get_context().get_trial_id()}-"))
+    try:
+        yield out
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def trial_facts(cfg: Config) -> dict:
+    """Seeds and the machine, on every report; also seeds the trial's global RNGs and threads."""
+    seed_everything(cfg.seed)
+    set_torch_threads()
+    return dict(device=device_name(pick_device(cfg.device)), ray_gpu_ids=",".join(map(str, ray.get_gpu_ids())),
+                node_id=ray.get_runtime_context().get_node_id(), hostname=socket.gethostname(),
+                seed=cfg.seed, subset_seed=cfg.resolved().subset_seed)
+
+
+def trial_config(config: dict, out: Path) -> Config:
+    """The Config a trial runs: the given fields, with the run-local ones set for Tune.
+
+    out is the trial's scratch directory; progress bars are off; the device is the one Ray
+    assigned (see `trial_device`)."""
+    cfg = Config.from_dict(config)
+    cfg.out = str(out)
+    cfg.progress, cfg.resume = False, False
+    cfg.device = trial_device(cfg.device)
+    return cfg.validate()
+
+
+def trial_device(requested: str) -> str:
+    """'auto' becomes the GPU Ray assigned to this trial (Ray sets CUDA_VISIBLE_DEVICES, so
+    it is cuda:0 here, also for a fractional GPU), else the CPU: a trial never grabs a GPU
+    Ray did not give it. A logical GPU that torch cannot see (a test cluster) is CPU too;
+    the results record both the device and ray_gpu_ids."""
+    if requested != "auto":
+        return requested
+    import torch
+    return "cuda:0" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+
+
+def seed_everything(seed: int) -> None:
+    """Reseed the global RNGs: Ray may reuse a worker process for the next trial."""
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_torch_threads() -> None:
+    """As many intra-op threads as CPUs Ray reserved for the trial (Ray sets OMP_NUM_THREADS
+    for 1 CPU; torch would otherwise use every core of the node)."""
+    import torch
+    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
+
+
+def restore_trial_checkpoint(out: Path) -> Path | None:
+    """Copy the checkpoint Tune restored this trial with into `out`; None for a fresh trial."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    with checkpoint.as_directory() as d:
+        shutil.copy2(Path(d) / CHECKPOINT_FILE, out / CHECKPOINT_FILE)
+    return out / CHECKPOINT_FILE
+
+
+def trial_dirname(trial) -> str:
+    """Short trial directory names (TuneConfig(trial_dirname_creator=...)): by default Tune
+    spells out every config field that a searcher's suggestion carries."""
+    return f"{trial.trainable_name}_{trial.trial_id}"
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """data_root and cache_dir made absolute on the driver: trials run in scratch directories."""
+    cfg.data_root = str(Path(cfg.data_root).expanduser().resolve())
+    cfg.cache_dir = str(Path(cfg.cache_dir).expanduser().resolve())
+    return cfg

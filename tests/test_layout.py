@@ -1,0 +1,76 @@
+"""The package's layout (README, Layout): imports point inwards, with no cycles, and only the
+runner (risda/runner/) imports ray, pandas or matplotlib. Read from the source with `ast`,
+function-level imports included; nothing is imported."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "risda"
+RUNNER_ONLY = ("ray", "pandas", "matplotlib")
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def imports(name: str, path: Path, known: dict) -> tuple[set[str], set[str]]:
+    """(risda modules, other top-level packages) that module `name` imports anywhere in its code."""
+    inside, outside = set(), set()
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package[:len(package) - node.level + 1] + [node.module or ""]).strip(".") if node.level \
+                else node.module
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        else:
+            continue
+        for t in targets:
+            if t.split(".")[0] == "risda":
+                if t != name and t in known:
+                    inside.add(t)
+            else:
+                outside.add(t.split(".")[0])
+    return inside, outside
+
+
+def graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    known = modules()
+    edges, external = {}, {}
+    for name, path in known.items():
+        edges[name], external[name] = imports(name, path, known)
+    return edges, external
+
+
+def test_no_import_cycles():
+    edges, _ = graph()
+    done, on_path = set(), []
+
+    def visit(m):
+        if m in on_path:
+            raise AssertionError("import cycle: " + " -> ".join(on_path[on_path.index(m):] + [m]))
+        if m in done:
+            return
+        on_path.append(m)
+        for n in sorted(edges[m]):
+            visit(n)
+        on_path.pop()
+        done.add(m)
+
+    for m in sorted(edges):
+        visit(m)
+
+
+def test_only_the_runner_imports_ray_pandas_matplotlib_and_nothing_imports_the_runner():
+    edges, external = graph()
+    outside_runner = [m for m in edges if not m.startswith("risda.runner")]
+    assert {m: sorted(external[m] & set(RUNNER_ONLY)) for m in outside_runner if external[m] & set(RUNNER_ONLY)} == {}
+    assert {m: sorted(n for n in edges[m] if n.startswith("risda.runner")) for m in outside_runner
+            if any(n.startswith("risda.runner") for n in edges[m])} == {}
+    assert "risda.runner.search" in edges and "risda.runner.ablation.cli" in edges  # the walk found the runner

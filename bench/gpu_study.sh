@@ -13,6 +13,7 @@
 #   python bench/pack_cifar10lt.py                                   # once: data/cifar10lt_r100.npz (~21 MB)
 #   device run: bash bench/gpu_study.sh   (carry ["data/cifar10lt_r100.npz"], timeout_s 600)
 #   here:       python ablations/run.py --spec cifar10lt_full --from-runs <files_at>/runs --name study-b
+#               python ablations/run.py --spec cifar10lt_full --from-runs <files_at>/runs --arms risda --grid variant=reference --name study-b-reference
 #               python ablations/report.py --results results/study-b ...
 #   CPU smoke test: TINY=1 bash bench/gpu_study.sh                   # a few minutes on 2 cores
 #

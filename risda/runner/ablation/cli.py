@@ -31,7 +31,8 @@ from .experiment import load_results, run_experiment, saved_plan, trials_from_gr
 from .figures import plot_study
 from .spec import (DEFAULT_SPEC, apply_overrides, axis_label, expand, list_specs, load_spec, make_plan, parse_list,
                    plan_differences, read_best, value_label)
-from .tables import FAILED, NOT_RUN, OK, collate_runs, failure_lines, latex_table, markdown_table, rich_tables, summarize_runs
+from .tables import (FAILED, NOT_RUN, OK, collate_runs, failure_lines, latex_table, markdown_table, rich_tables,
+                     summarize_runs, trials_from_run_dirs)
 
 # A tiny run checkpoints every few seconds; Ray warns about it on every trial.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metric", help="the error shown in the table and figure (default: the spec's, test_error); e.g. few_error, test_error_at_best_val, best_test_error")
     g.add_argument("--dry-run", action="store_true", help="print the cells and exit")
     g.add_argument("--collate-only", action="store_true", help="re-collate an existing experiment into tables and figures without training")
+    g.add_argument("--from-runs", metavar="DIR", help="collate plain `risda.train` run folders (DIR/*/summary.json, e.g. "
+                                                     "from bench/gpu_study.sh on a machine without Ray) instead of a Ray experiment")
     add_runner_args(p, default_name="the spec's name")
     r = p.add_argument_group("output")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -157,7 +160,12 @@ def run(args, console) -> int:
         return 0
 
     started = time.time()
-    if args.collate_only:
+    grid = None
+    if args.from_runs:
+        trials, epochs = trials_from_run_dirs(args.from_runs)
+        results_dir.mkdir(parents=True, exist_ok=True)
+        (results_dir / "plan.json").write_text(json.dumps(plan, indent=1))
+    elif args.collate_only:
         grid = load_results(storage, name)
     else:
         if not args.restart:
@@ -193,8 +201,10 @@ def run(args, console) -> int:
             if we_started:
                 ray.shutdown()
 
-    trials, epochs = trials_from_grid(grid, plan["axes"])
-    runs = collate_runs(plan, trials, experiment=experiment_uri(storage, name))
+    if grid is not None:
+        trials, epochs = trials_from_grid(grid, plan["axes"])
+    runs = collate_runs(plan, trials, experiment=str(Path(args.from_runs).resolve()) if args.from_runs
+                        else experiment_uri(storage, name))
     summary = summarize_runs(runs, plan)
     results_dir.mkdir(parents=True, exist_ok=True)
     if args.collate_only and not (results_dir / "plan.json").exists():

@@ -53,6 +53,24 @@ def trial_status(ray_status: str | None, result: dict) -> str:
     return NOT_RUN
 
 
+def trials_from_run_dirs(root) -> tuple[list[dict], pd.DataFrame]:
+    """(trials, epochs) from plain `risda.train` run folders root/*/: a folder with a
+    summary.json is a finished trial (its summary is the result); one without is left out, so
+    its cell shows as not run. For runs made without Ray (bench/gpu_study.sh)."""
+    from pathlib import Path
+    trials, epochs = [], []
+    for folder in sorted(p for p in Path(root).iterdir() if p.is_dir()):
+        summary_path = folder / "summary.json"
+        if not summary_path.is_file():
+            continue
+        summary = json.loads(summary_path.read_text())
+        trials.append(dict(config=summary["config"], status="TERMINATED", error=None, trial_id=folder.name,
+                           path=str(folder), result={**summary, "completed": True}))
+        if (folder / "epochs.parquet").is_file():
+            epochs.append(pd.read_parquet(folder / "epochs.parquet").assign(trial_id=folder.name))
+    return trials, (pd.concat(epochs, ignore_index=True) if epochs else pd.DataFrame())
+
+
 def collate_runs(plan: dict, trials: list[dict], experiment: str = "", epochs: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per planned cell. `trials`: dicts with `config` (the trial's Config dict),
     `status` (Ray's: TERMINATED, ERROR, PENDING, RUNNING...), `error` (str or None),

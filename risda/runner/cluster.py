@@ -6,8 +6,10 @@ tune/search.py and ablations/run.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -16,8 +18,11 @@ from ray import tune
 
 from ..config import ConfigError
 from ..storage import delete_dir
+from .collate import trial_statuses
+from .trainables import remove_scratch
 
 LOCAL_STORAGE = "ray_results"      # default storage, relative to the working directory
+LOOPBACK = "127.0.0.1"             # where an embedded local Ray listens
 
 
 def add_runner_args(parser, default_name: str) -> None:
@@ -50,8 +55,9 @@ def add_runner_args(parser, default_name: str) -> None:
 def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
              **options) -> bool:
     """Connect to the cluster at `address` (or $RAY_ADDRESS); with neither, start an embedded
-    local Ray with num_cpus/num_gpus (default: what the machine has). `options` go to
-    ray.init either way (e.g. include_dashboard=False, logging_level="warning").
+    local Ray with num_cpus/num_gpus (default: what the machine has), listening on 127.0.0.1
+    only (a dashboard too). `options` go to ray.init either way (e.g. include_dashboard=False,
+    logging_level="warning").
 
     Returns True when this call initialised Ray (the caller shuts it down), False when Ray
     was already initialised, e.g. by a test fixture or a notebook."""
@@ -61,15 +67,44 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     if address:
         check_reachable(address)
         options.pop("include_dashboard", None)  # only meaningful when starting Ray
+        on_loopback = address.split("://", 1)[-1].rpartition(":")[0] in (LOOPBACK, "localhost")
         try:
-            ray.init(address=address, **options)
+            # ray.init would rewrite 127.0.0.1 to this machine's routable address, where a Ray
+            # that listens on loopback only (init_ray's own, below) does not answer.
+            with loopback_node_ip() if on_loopback else contextlib.nullcontext():
+                ray.init(address=address, **options)
         except ConnectionError as e:  # something answers there, but not a Ray cluster
             raise ConfigError(f"{e}: is a Ray head node (`ray start --head`) running at {address}? "
                               f"Fix --address / RAY_ADDRESS, or drop it to run on an embedded local Ray") from None
     else:
         # "local" and not None: None would attach to a cluster someone `ray start`ed here.
-        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **options)
+        options.setdefault("dashboard_host", LOOPBACK)
+        with loopback_node_ip():
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address=LOOPBACK, **options)
+        where = sorted({n["NodeManagerAddress"] for n in ray.nodes()})
+        if where != [LOOPBACK]:
+            warnings.warn(f"the embedded Ray runs on {', '.join(where)}, not on {LOOPBACK} only: its servers listen "
+                          f"on all interfaces (a Ray other than 2.60?)", stacklevel=2)
     return True
+
+
+@contextlib.contextmanager
+def loopback_node_ip():
+    """Let an embedded Ray keep 127.0.0.1 as its node address, so that every server it starts
+    (GCS, raylet, workers, agents) listens on loopback only. ray.init (2.60) rewrites a
+    loopback _node_ip_address to the machine's routable address, and its servers then listen
+    on all interfaces, unless Ray's "no multi-node clusters" switch is off (what Ray does on
+    macOS and Windows), which is what this does while ray.init runs."""
+    from ray._private import ray_constants
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):  # another Ray: init_ray warns if it is not on loopback
+        yield
+        return
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -145,6 +180,14 @@ def restore_or_new_tuner(path: str, trainable, new_tuner: Callable[[], tune.Tune
     if tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=retry_errored), True
     return new_tuner(), False
+
+
+def remove_trial_scratch(grid):
+    """After tuner.fit(): remove the scratch folders its trials left on this machine (a trial
+    whose worker was killed never removes its own; risda.runner.trainables.trial_scratch).
+    Returns the grid, so `remove_trial_scratch(tuner.fit())` reads as one step."""
+    remove_scratch(trial_statuses(grid))
+    return grid
 
 
 def check_writable(path: str | Path, flag: str) -> None:

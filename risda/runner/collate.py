@@ -58,7 +58,13 @@ def trial_id_of(result) -> str:
 
 def trial_row(result, status: str | None, metric: str = "val_error", params=()) -> dict:
     """One trial as a flat dict: params, status, error, the epoch with the best `metric` and
-    the final errors (test, many/medium/few, validation), epochs run, wall time, where it ran."""
+    the final errors (test, many/medium/few, validation), epochs run, wall time, where it ran.
+
+    A trial with an error is ERROR whatever status Tune saved: a trial whose worker was killed
+    (SIGKILL, a lost node) can be saved PENDING beside Ray's "actor is dead" error, and would
+    otherwise pass for unfinished. Tune clears the error when it resumes the trial."""
+    if result.error is not None:
+        status = "ERROR"
     config = {k: v for k, v in (result.config or {}).items() if k != STAGE1_CACHE_KEY}
     epochs = epoch_rows(result)
     last = epochs[-1] if epochs else {}
@@ -86,7 +92,7 @@ def trial_row(result, status: str | None, metric: str = "val_error", params=()) 
 def collate(grid, metric: str = "val_error", params=()):
     """(trials, epochs) DataFrames from a ResultGrid. trials: one row per trial, including
     trials that failed before their first report (get_dataframe() drops those), with the
-    error message; epochs: one row per trial per reported epoch."""
+    error message (and status ERROR: `trial_row`); epochs: one row per trial per reported epoch."""
     statuses = trial_statuses(grid)
     trials = pd.DataFrame([trial_row(r, statuses.get(trial_id_of(r)), metric, params) for r in grid])
     trials = trials.sort_values("started_at", kind="stable", ignore_index=True)  # in the order they ran

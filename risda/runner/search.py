@@ -37,6 +37,7 @@ from pathlib import Path
 
 import ray
 from ray import tune
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from ..checkpoint import RESUMABLE_CHANGES
@@ -46,8 +47,8 @@ from ..evaluate import error_names
 from ..presets import TABLE2
 from ..stage1 import BOOKKEEPING_FIELDS, STAGE2_FIELDS, shares_stage1
 from ..storage import read_text, write_text
-from .cluster import (add_runner_args, check_writable, cluster_summary, experiment_uri, init_ray, restore_or_new_tuner,
-                      storage_uri, trial_resources)
+from .cluster import (add_runner_args, check_writable, cluster_summary, experiment_uri, init_ray, remove_trial_scratch,
+                      restore_or_new_tuner, storage_uri, trial_resources)
 from .collate import Outcome, best_trial, collate, write_parquet
 from .progress import RichProgress, print_top
 from .stage1 import Stage1Failed, Stage1Interrupted, describe_stage1, ensure_stage1, stage1_cache_root
@@ -260,22 +261,43 @@ def fresh_study(storage, name: str, restart: bool) -> None:
 class EvaluatedOptunaSearch(OptunaSearch):
     """OptunaSearch that hears only the reports carrying the metric: trials report every epoch,
     the validation error only on evaluated ones (OptunaSearch would raise a KeyError). A
-    top-level class of an importable module: Ray pickles the searcher with the experiment."""
+    top-level class of an importable module: Ray pickles the searcher with the experiment.
+
+    A trial that fails is not told to Optuna: its Optuna trial stays RUNNING (TPE learns from
+    finished trials only), so that when --retry-errored continues it, its completion tells
+    Optuna the real value. OptunaSearch would tell FAIL (or COMPLETE with the last evaluated
+    epoch's value, as if that were the final one), then ignore the retried trial's reports
+    ("already finished"). A trial that fails for good stays RUNNING in the study."""
 
     def on_trial_result(self, trial_id: str, result: dict):
-        if self.metric in result:
+        if self.metric in result and trial_id in self._ot_trials:
             super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if error or trial_id not in self._ot_trials:
+            return
+        super().on_trial_complete(trial_id, result=result, error=False)
+
+
+class RetryingConcurrencyLimiter(ConcurrencyLimiter):
+    """ConcurrencyLimiter that passes on the completion of a trial it no longer tracks: it drops
+    a trial from its count when the trial fails, so the completion of that trial continued by
+    --retry-errored would otherwise never reach the searcher."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if trial_id not in self.live_trials:
+            return self.searcher.on_trial_complete(trial_id, result=result, error=error)
+        return super().on_trial_complete(trial_id, result=result, error=error)
 
 
 def make_search_alg(space: dict, args, cfg: Config, storage, name: str, point: dict | None):
     import optuna
-    from ray.tune.search import ConcurrencyLimiter
     # TPE starts with random trials (Optuna's default: 10); with a small budget, half of it.
     sampler = optuna.samplers.TPESampler(seed=args.search_seed, n_startup_trials=min(10, max(1, args.num_samples // 2)))
     searcher = EvaluatedOptunaSearch(space={k: optuna_distribution(k, v) for k, v in space.items()}, metric=METRIC, mode=MODE,
                                      points_to_evaluate=[point] if point else None, sampler=sampler,
                                      storage=storage, study_name=name)
-    return ConcurrencyLimiter(searcher, max_concurrent=args.max_concurrent) if args.max_concurrent > 0 else searcher
+    return RetryingConcurrencyLimiter(searcher, max_concurrent=args.max_concurrent) if args.max_concurrent > 0 else searcher
 
 
 def make_scheduler(args, cfg: Config):
@@ -412,8 +434,8 @@ def main(argv=None, trainable=None) -> int:
         shared = stage1_configs(cfg, space, args, console)
         cache_root = stage1_cache_root(args.stage1_cache, storage) if shared else None
         make_scheduler(args, cfg)  # a bad --grace-period fails before Ray starts
-        owns_ray = init_ray(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                                    logging_level="warning")
+        owns_ray = not ray.is_initialized()  # set first: a ray.init interrupted halfway is shut down too
+        init_ray(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus, logging_level="warning")
         resources = trial_resources(args.cpus_per_trial, args.gpus_per_trial)
         console.log(f"ray: {cluster_summary()}; per trial {resources}")
         stage1 = None
@@ -445,7 +467,7 @@ def main(argv=None, trainable=None) -> int:
         console.log(f"{'resuming' if restored else 'new'} experiment {path}: {args.num_samples} trials over "
                     + ", ".join(f"{k}={v}" for k, v in space.items())
                     + (f"; first trial: paper Table 2 point {point}" if point and not restored else ""))
-        grid = tuner.fit()
+        grid = remove_trial_scratch(tuner.fit())  # what killed trials left in the temp folder
         trials, best = write_results(grid, out, params, dict(search_seed=args.search_seed, experiment=path, name=name,
                                                              num_samples=args.num_samples), stage1)
     except Stage1Interrupted as e:

@@ -10,6 +10,7 @@ Only `ray.tune` is used inside a trial (`ray.train.report` is an error in Tune t
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import random
 import shutil
@@ -26,6 +27,7 @@ from ..stage1 import Stage1Cache, needs_observations, shares_stage1, stage1_key
 from ..trainer import device_name, pick_device, train
 
 CHECKPOINT_FILE = "checkpoint.pt"  # the trainer's file; Tune checkpoints hold just this one
+SCRATCH_PREFIX = "risda-trial-"  # a trial's scratch folder: <temp dir>/risda-trial-<trial_id>-<random>
 STAGE1_CACHE_KEY = "stage1_cache"  # in a trial's config: the stage-I cache to fork from (not a Config field)
 
 
@@ -124,11 +126,29 @@ def trial_scratch():
     trainer writes is in the reports anyway."""
     # Ray logs a line per persisted checkpoint from every trial; it drowns the driver's progress.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    out = Path(tempfile.mkdtemp(prefix=f"risda-trial-{tune.get_context().get_trial_id()}-"))
+    out = Path(tempfile.mkdtemp(prefix=scratch_prefix(tune.get_context().get_trial_id())))
     try:
         yield out
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def scratch_prefix(trial_id: str) -> str:
+    return f"{SCRATCH_PREFIX}{trial_id}-"
+
+
+def remove_scratch(trial_ids) -> list[Path]:
+    """Remove this machine's scratch folders of these trials; the folders removed. A trial
+    removes its own when it ends, unless its worker was killed (SIGKILL, out of memory) and
+    never reached the `finally`. Call it once the trials are stopped."""
+    root = Path(tempfile.gettempdir())
+    removed = []
+    for trial_id in trial_ids:
+        for folder in root.glob(glob.escape(scratch_prefix(trial_id)) + "*"):
+            if folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+    return removed
 
 
 def trial_facts(cfg: Config) -> dict:

@@ -20,7 +20,7 @@ from ray import tune
 from ...config import Config, ConfigError
 from ...evaluate import selected_errors
 from ...storage import read_text, write_text
-from ..cluster import experiment_uri, restore_or_new_tuner, trial_resources
+from ..cluster import experiment_uri, remove_trial_scratch, restore_or_new_tuner, trial_resources
 from ..collate import collate
 from ..progress import RichProgress
 from ..stage1 import ensure_stage1
@@ -95,7 +95,7 @@ def run_experiment(plan: dict, storage: str, name: str, cpus_per_trial: float, g
 
     tuner, restored = restore_or_new_tuner(path, train, new_tuner, restart=restart, retry_errored=retry_errored)
     write_text(f"{path}/{PLAN_FILE}", json.dumps(plan, indent=1))
-    return tuner.fit(), restored, stage1
+    return remove_trial_scratch(tuner.fit()), restored, stage1
 
 
 def saved_plan(storage: str, name: str) -> dict | None:

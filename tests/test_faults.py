@@ -1,0 +1,155 @@
+"""Faults: a trial whose worker is killed is an ERROR with its cause, not a success nor an
+unfinished trial; --retry-errored continues it and Optuna learns its real score; the scratch
+folder the killed worker could not remove is removed by the driver."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import ray
+
+from risda.runner import cluster, search
+from risda.runner.trainables import scratch_prefix
+from test_search import REPO, SEARCH_PY, read_outputs, tiny_argv
+
+
+def make_search_alg(space: str = "alpha=0.25:1.5", max_concurrent: int = 1):
+    """The searcher the search command builds (TPE behind the concurrency limiter), in a
+    SearchGenerator as Tune holds it."""
+    from ray.tune.search.search_generator import SearchGenerator
+    args = argparse.Namespace(search_seed=0, num_samples=4, max_concurrent=max_concurrent)
+    return SearchGenerator(search.make_search_alg(search.parse_space(space), args, None, None, "faults", None))
+
+
+def optuna_trials(generator) -> list:
+    searcher = generator.searcher
+    while hasattr(searcher, "searcher"):
+        searcher = searcher.searcher
+    return searcher._ot_study.get_trials(deepcopy=False)
+
+
+def test_an_errored_trial_is_told_to_optuna_only_when_its_retry_completes(tmp_path):
+    import optuna
+    States = optuna.trial.TrialState
+    gen = make_search_alg()
+    limiter = gen.searcher
+    assert isinstance(limiter, search.RetryingConcurrencyLimiter)
+    assert limiter.suggest("t1") is not None
+    limiter.on_trial_result("t1", {"val_error": 60.0, "training_iteration": 1})
+    limiter.on_trial_complete("t1", error=True)  # its worker died: not a result
+    assert [t.state for t in optuna_trials(gen)] == [States.RUNNING]  # not FAIL, not COMPLETE at 60
+    assert limiter.suggest("t2") is not None  # the failed trial no longer holds the concurrency slot
+    limiter.on_trial_result("t2", {"epoch": 0, "training_iteration": 1})  # an epoch without evaluation
+    limiter.on_trial_complete("t2", result={"val_error": 30.0, "training_iteration": 2})  # a normal end
+    assert [(t.state, t.value) for t in optuna_trials(gen)] == [(States.RUNNING, None), (States.COMPLETE, 30.0)]
+
+    # The driver stops; Tune restores the searcher from the experiment's checkpoint ...
+    gen.save_to_dir(str(tmp_path), session_str="s")
+    restored = make_search_alg()
+    restored.restore_from_dir(str(tmp_path))
+    # ... and --retry-errored continues t1 from its checkpoint to its end.
+    restored.searcher.on_trial_result("t1", {"val_error": 25.0, "training_iteration": 2})
+    restored.searcher.on_trial_complete("t1", result={"val_error": 25.0, "training_iteration": 2})
+    assert [(t.state, t.value) for t in optuna_trials(restored)] == [(States.COMPLETE, 25.0), (States.COMPLETE, 30.0)]
+    # an unknown trial (not from this searcher) is ignored rather than a KeyError in Tune's loop
+    restored.searcher.on_trial_result("t9", {"val_error": 1.0, "training_iteration": 1})
+    restored.searcher.on_trial_complete("t9", result={"val_error": 1.0})
+    assert len(optuna_trials(restored)) == 2
+
+
+def descendants(root: int) -> dict[int, str]:
+    """pid -> command line of every process below `root` (the Ray this test process started)."""
+    rows = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout.splitlines()
+    children, args = {}, {}
+    for row in rows:
+        pid, ppid, cmd = (row.split(None, 2) + [""])[:3]
+        children.setdefault(int(ppid), []).append(int(pid))
+        args[int(pid)] = cmd
+    found, todo = {}, [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found[child] = args[child]
+            todo.append(child)
+    return found
+
+
+def scratch_folders(trial_id: str) -> list[Path]:
+    return list(Path(tempfile.gettempdir()).glob(scratch_prefix(trial_id) + "*"))
+
+
+@pytest.fixture
+def loopback_ray():
+    """An embedded Ray as the runner starts one (127.0.0.1 only), for a second driver to join."""
+    assert cluster.init_ray(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="warning")
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_a_killed_trial_is_an_error_and_retry_errored_completes_it(cifar10_root, tmp_path, loopback_ray):
+    name = "faults"
+    argv = tiny_argv(cifar10_root, tmp_path, name, "--num-samples", "2", "--max-concurrent", "1", "--scheduler", "none")
+    assert loopback_ray.startswith("127.0.0.1:")
+    experiment = tmp_path / "ray" / name
+    log_path = tmp_path / "killed.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, str(SEARCH_PY), *argv, "--address", loopback_ray], cwd=REPO,
+                            stdout=log, stderr=subprocess.STDOUT)
+    tail = lambda: log_path.read_text()[-3000:]  # noqa: E731
+    try:
+        # The first stage-II trial, once it runs in its scratch folder: SIGKILL its worker process.
+        stage1_workers, killed, deadline = set(), None, time.time() + 180
+        while killed is None and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            workers = {p for p, cmd in descendants(os.getpid()).items() if cmd.startswith("ray::ImplicitFunc")}
+            trial_dirs = sorted(experiment.glob("train_trial_*"), key=lambda p: p.stat().st_mtime)
+            if not trial_dirs:
+                stage1_workers |= workers  # the shared stage I's trial runs first, in its own experiment
+                continue
+            killed = trial_dirs[0].name.removeprefix("train_trial_")
+            if not scratch_folders(killed) or len(workers - stage1_workers) != 1:
+                killed = None
+                continue
+            os.kill((workers - stage1_workers).pop(), signal.SIGKILL)
+        assert killed, "no stage-II trial ran before the deadline:\n" + tail()
+        assert scratch_folders(killed)  # the killed worker never removes its scratch folder
+        # Once Tune has seen the trial die, interrupt the driver (Ctrl-C).
+        error_file, deadline = experiment / f"train_trial_{killed}" / "error.txt", time.time() + 60
+        while not error_file.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) in (1, 130), tail()  # failed or interrupted: never a success
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    trials = pd.read_parquet(tmp_path / "results" / name / "trials.parquet")
+    row = trials.set_index("trial_id").loc[killed]
+    assert row["status"] == "ERROR" and row["error"], tail()
+    assert not row["completed"]
+    assert not scratch_folders(killed)  # the driver removed it
+
+    # The same command with --retry-errored: the killed trial continues to its end.
+    assert search.main([*argv, "--retry-errored"]) == 0
+    trials, epochs, best = read_outputs(tmp_path, name)
+    assert len(trials) == 2 and (trials["status"] == "TERMINATED").all() and trials["completed"].all()
+    assert trials["error"].isna().all()
+    assert not epochs.duplicated(["trial_id", "epoch"]).any() and len(epochs) == 2 * 1  # one stage-II epoch each
+    assert best["trials_completed"] == 2 and best["trials_failed"] == 0
+    assert not any(scratch_folders(t) for t in trials["trial_id"])
+    # Optuna heard both trials' final validation errors, the retried one included.
+    state = max(experiment.glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
+    study = pickle.loads(state.read_bytes())["_ot_study"]
+    told = sorted(t.value for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE")
+    assert told == sorted(trials["final_val_error"]), json.dumps([str(t) for t in study.trials])

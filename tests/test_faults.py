@@ -13,12 +13,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import ray
 
-from risda.runner import cluster, search
+from risda.runner import cluster, collate, search
 from risda.runner.trainables import scratch_prefix
 from test_search import REPO, SEARCH_PY, read_outputs, tiny_argv
 
@@ -65,6 +66,22 @@ def test_an_errored_trial_is_told_to_optuna_only_when_its_retry_completes(tmp_pa
     restored.searcher.on_trial_result("t9", {"val_error": 1.0, "training_iteration": 1})
     restored.searcher.on_trial_complete("t9", result={"val_error": 1.0})
     assert len(optuna_trials(restored)) == 2
+
+
+def test_a_trial_with_an_error_is_an_error_whatever_status_tune_saved():
+    """Tune saves a trial it was retrying (--max-failures) when the driver stopped as PENDING,
+    its error beside it; the driver's own ResultGrid has no error for it (Tune marks it
+    TERMINATED in memory), so collate takes the saved one."""
+    died = RuntimeError("The actor is dead because its worker process has died.")
+    result = SimpleNamespace(config={"epochs": 2}, metrics={"trial_id": "t1"}, error=None, metrics_dataframe=None,
+                             path="/x/train_trial_t1")
+    assert collate.trial_row(result, "PENDING")["status"] == "PENDING"  # unfinished, nothing failed
+    row = collate.trial_row(result, "PENDING", error=died)
+    assert (row["status"], row["error"], row["completed"]) == ("ERROR", str(died), False)
+    assert collate.trial_row(SimpleNamespace(**{**vars(result), "error": died}), "RUNNING")["status"] == "ERROR"
+    saved = lambda status: SimpleNamespace(status=status, get_pickled_error=lambda: died, get_error=lambda: None)  # noqa: E731
+    assert collate.saved_error(saved("PENDING")) is died and collate.saved_error(saved("ERROR")) is died
+    assert collate.saved_error(saved("TERMINATED")) is None and collate.saved_error(None) is None
 
 
 def descendants(root: int) -> dict[int, str]:
@@ -136,7 +153,7 @@ def test_a_killed_trial_is_an_error_and_retry_errored_completes_it(cifar10_root,
             proc.kill()
     trials = pd.read_parquet(tmp_path / "results" / name / "trials.parquet")
     row = trials.set_index("trial_id").loc[killed]
-    assert row["status"] == "ERROR" and row["error"], tail()
+    assert row["status"] == "ERROR" and "actor is dead" in row["error"], tail()
     assert not row["completed"]
     assert not scratch_folders(killed)  # the driver removed it
 
@@ -149,7 +166,7 @@ def test_a_killed_trial_is_an_error_and_retry_errored_completes_it(cifar10_root,
     assert best["trials_completed"] == 2 and best["trials_failed"] == 0
     assert not any(scratch_folders(t) for t in trials["trial_id"])
     # Optuna heard both trials' final validation errors, the retried one included.
-    state = max(experiment.glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
+    state = sorted(experiment.glob("searcher-state-*.pkl"))[-1]  # the last session's (named by its start time)
     study = pickle.loads(state.read_bytes())["_ot_study"]
     told = sorted(t.value for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE")
     assert told == sorted(trials["final_val_error"]), json.dumps([str(t) for t in study.trials])

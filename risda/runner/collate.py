@@ -31,12 +31,30 @@ def error_message(error) -> str | None:
     return lines[-1] if lines else repr(error)
 
 
+def saved_trials(grid) -> dict:
+    """trial_id -> Tune's Trial as the saved experiment state has it. What the driver's own
+    ResultGrid says can differ: after a Ctrl-C Tune marks its unfinished trials TERMINATED in
+    memory (not in the saved state), and a Result of a TERMINATED trial carries no error."""
+    analysis = tune.ExperimentAnalysis(grid.experiment_path, storage_filesystem=grid.filesystem)
+    return {t.trial_id: t for t in analysis.trials}
+
+
 def trial_statuses(grid) -> dict[str, str]:
     """trial_id -> Ray's status (TERMINATED, ERROR, PAUSED, PENDING, ...) from the saved
     experiment state (a Result alone does not say whether an unfinished trial was stopped
     by the scheduler or interrupted)."""
-    analysis = tune.ExperimentAnalysis(grid.experiment_path, storage_filesystem=grid.filesystem)
-    return {t.trial_id: t.status for t in analysis.trials}
+    return {trial_id: t.status for trial_id, t in saved_trials(grid).items()}
+
+
+def saved_error(trial):
+    """The error Tune saved for a trial that did not finish (None for a TERMINATED one, and
+    after Tune resumed the trial), as the exception or else its text."""
+    if trial is None or trial.status == "TERMINATED":
+        return None
+    try:
+        return trial.get_pickled_error() or trial.get_error()
+    except Exception:  # an exception class that does not unpickle here
+        return trial.get_error()
 
 
 def epoch_rows(result, params=()) -> list[dict]:
@@ -56,14 +74,17 @@ def trial_id_of(result) -> str:
     return (result.metrics or {}).get("trial_id") or Path(result.path).name
 
 
-def trial_row(result, status: str | None, metric: str = "val_error", params=()) -> dict:
+def trial_row(result, status: str | None, metric: str = "val_error", params=(), error=None) -> dict:
     """One trial as a flat dict: params, status, error, the epoch with the best `metric` and
     the final errors (test, many/medium/few, validation), epochs run, wall time, where it ran.
+    `error`: the one Tune saved for the trial (`saved_error`), for a Result that lacks it.
 
     A trial with an error is ERROR whatever status Tune saved: a trial whose worker was killed
-    (SIGKILL, a lost node) can be saved PENDING beside Ray's "actor is dead" error, and would
-    otherwise pass for unfinished. Tune clears the error when it resumes the trial."""
-    if result.error is not None:
+    (SIGKILL, a lost node) is saved PENDING beside Ray's "actor is dead" error when Tune was
+    retrying it (--max-failures) as the driver stopped, and would otherwise pass for
+    unfinished. Tune clears the error when it resumes the trial."""
+    error = result.error if result.error is not None else error
+    if error is not None:
         status = "ERROR"
     config = {k: v for k, v in (result.config or {}).items() if k != STAGE1_CACHE_KEY}
     epochs = epoch_rows(result)
@@ -72,7 +93,7 @@ def trial_row(result, status: str | None, metric: str = "val_error", params=()) 
     best = min(scored, key=lambda r: r[metric]) if scored else {}
     metrics = result.metrics or {}
     row = {"trial_id": trial_id_of(result), **{p: config.get(p) for p in params},
-           "status": status, "error": error_message(result.error),
+           "status": status, "error": error_message(error),
            "completed": bool(last) and last.get("epochs_done") == config.get("epochs"),
            "epochs_run": last.get("epochs_done", 0),
            f"final_{metric}": last.get(metric), f"best_{metric}": best.get(metric),
@@ -93,8 +114,12 @@ def collate(grid, metric: str = "val_error", params=()):
     """(trials, epochs) DataFrames from a ResultGrid. trials: one row per trial, including
     trials that failed before their first report (get_dataframe() drops those), with the
     error message (and status ERROR: `trial_row`); epochs: one row per trial per reported epoch."""
-    statuses = trial_statuses(grid)
-    trials = pd.DataFrame([trial_row(r, statuses.get(trial_id_of(r)), metric, params) for r in grid])
+    saved = saved_trials(grid)
+    rows = []
+    for r in grid:
+        trial = saved.get(trial_id_of(r))
+        rows.append(trial_row(r, trial.status if trial else None, metric, params, error=saved_error(trial)))
+    trials = pd.DataFrame(rows)
     trials = trials.sort_values("started_at", kind="stable", ignore_index=True)  # in the order they ran
     epochs = pd.DataFrame([row for r in grid for row in epoch_rows(r, params)])
     for df in (trials, epochs):  # an empty shot group is None: make those columns float, not object

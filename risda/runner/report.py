@@ -398,7 +398,10 @@ def published_table(plan: dict, lam: float | None) -> list[str]:
 
 
 # --- the report ----------------------------------------------------------------------------
-def render(out: Outputs, commands: list[str] | None = None, out_path: Path | None = None) -> str:
+def render(out: Outputs, commands: list[str] | None = None, out_path: Path | None = None,
+           extras: list[Outputs] | None = None) -> str:
+    """The report of `out`; `extras` (other studies over the same protocol and stage I, e.g. the
+    reference variant run as its own command) add their tables under Results and their runs below."""
     plan, runs, summary = out.plan, out.runs, out.summary
     spec = plan["spec"]
     ds = plan["cells"][0]["config"]["dataset"]
@@ -424,21 +427,38 @@ def render(out: Outputs, commands: list[str] | None = None, out_path: Path | Non
     md += [f"- **{SELECTION_LABELS[s]}**: {SELECTION_NOTES[s]}." for s in SELECTIONS]
     md += ["", "A cell is the mean ± std (sample std) over the seeds that finished; `seeds ok/planned` is n. "
                "FAILED / not run: no seed of that row finished; a row with some seeds missing says which.", ""]
+    md += results_tables(plan, summary)
+    for extra in extras or []:
+        md += [f"### Also: {extra.plan['spec'].get('title') or extra.plan['spec'].get('name')} (`{extra.results}`)", "",
+               "The same protocol and the same stage I; its own cells:", "",
+               *results_tables(extra.plan, extra.summary, published=False)]
+        runs = pd.concat([runs, extra.runs], ignore_index=True)
+        bad = runs[runs.status != OK]
+    return _rest(md, out, plan, runs, bad, title, out_path)
+
+
+def results_tables(plan: dict, summary: pd.DataFrame, published: bool = True) -> list[str]:
+    md = []
     for key, rows in sections(plan, summary):
         if key:
             md += [f"### {', '.join(f'{axis_label(a)} = {value_label(a, v)}' for a, v in key.items())}", ""]
         md += main_table(plan, rows) + [""]
         lams = {c["config"]["imbalance"] for c in plan["cells"]}
         lam = key.get("imbalance", next(iter(lams)) if len(lams) == 1 else None)
-        pub = published_table(plan, lam) if lam is not None else []
+        pub = published_table(plan, lam) if lam is not None and published else []
         if pub:
             md += ["Published, beside it (overall top-1 error as printed in the named source, not run here; "
                    "the RISDA authors' released code reports the best test error over all epochs, i.e. column (c)):", "",
                    *pub, ""]
-    if not any("imbalance" in k for k, _ in sections(plan, summary)) and len({c["config"]["imbalance"] for c in plan["cells"]}) > 1:
+    if published and not any("imbalance" in k for k, _ in sections(plan, summary)) \
+            and len({c["config"]["imbalance"] for c in plan["cells"]}) > 1:
         pub = published_table(plan, None)
         if pub:
             md += ["### Published numbers", "", *pub, ""]
+    return md
+
+
+def _rest(md, out, plan, runs, bad, title, out_path):
     if out.figure is not None:
         rel = os.path.relpath(out.figure, (out_path or out.figure).resolve().parent) if out_path else out.figure.name
         md += ["## Figure", "", f"![{title}]({rel})", ""]
@@ -463,11 +483,12 @@ def render(out: Outputs, commands: list[str] | None = None, out_path: Path | Non
     return "\n".join(md) + "\n"
 
 
-def write_report(results: str | Path, out: str | Path | None = None, commands: list[str] | None = None) -> Path:
+def write_report(results: str | Path, out: str | Path | None = None, commands: list[str] | None = None,
+                 also: list[str | Path] | None = None) -> Path:
     outputs = load_outputs(results)
     path = Path(out) if out else outputs.results.parent / DEFAULT_OUT
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = render(outputs, commands, path.resolve())
+    text = render(outputs, commands, path.resolve(), [load_outputs(a) for a in also or []])
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
@@ -481,9 +502,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", help=f"the Markdown file (default: {DEFAULT_OUT} beside the results folder, e.g. results/{DEFAULT_OUT})")
     p.add_argument("--command", action="append", default=[],
                    help="the command that ran the ablation, when plan.json does not record it; repeatable")
+    p.add_argument("--also", action="append", default=[], metavar="RESULTS",
+                   help="another results folder of the same protocol (e.g. the reference variant's), added to the "
+                        "report; repeatable")
     args = p.parse_args(argv)
     try:
-        path = write_report(args.results, args.out, args.command)
+        path = write_report(args.results, args.out, args.command, args.also)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

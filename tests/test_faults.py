@@ -142,15 +142,18 @@ def test_a_killed_trial_is_an_error_and_retry_errored_completes_it(cifar10_root,
             os.kill((workers - stage1_workers).pop(), signal.SIGKILL)
         assert killed, "no stage-II trial ran before the deadline:\n" + tail()
         assert scratch_folders(killed)  # the killed worker never removes its scratch folder
-        # Once Tune has seen the trial die, interrupt the driver (Ctrl-C).
-        error_file, deadline = experiment / f"train_trial_{killed}" / "error.txt", time.time() + 60
-        while not error_file.exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
+        # Once Tune has seen the trial die (it starts the next one: one at a time), interrupt the
+        # driver (Ctrl-C), before that one ends (a Ctrl-C after the driver's last step is no test).
+        deadline = time.time() + 60
+        while len(list(experiment.glob("train_trial_*"))) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) in (1, 130), tail()  # failed or interrupted: never a success
     finally:
         if proc.poll() is None:
             proc.kill()
+        log.close()
     trials = pd.read_parquet(tmp_path / "results" / name / "trials.parquet")
     row = trials.set_index("trial_id").loc[killed]
     assert row["status"] == "ERROR" and "actor is dead" in row["error"], tail()

@@ -365,10 +365,13 @@ def write_results(grid, out: Path, params: list[str], info: dict, stage1=None) -
     trials, epochs = collate(grid, metric=METRIC, params=params)
     for k in ("search_seed", "experiment"):
         trials[k] = info[k]
-    write_parquet(trials, out / "trials.parquet")
-    write_parquet(epochs, out / "epochs.parquet")
     if stage1 is not None:
         write_parquet(stage1, out / "stage1.parquet")
+        # A trial ASHA stopped never sent its summary; its stage I's cost is in the stage-I table.
+        cost = dict(zip(stage1["stage1_key"], stage1["wall_time_s"]))
+        trials["stage1_wall_time_s"] = trials["stage1_key"].map(cost)
+    write_parquet(trials, out / "trials.parquet")
+    write_parquet(epochs, out / "epochs.parquet")
     best = best_trial(trials, METRIC)
     best_path = out / "best.json"
     if best is None:

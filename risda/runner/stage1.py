@@ -12,7 +12,7 @@ from ray import tune
 from ..config import Config
 from ..stage1 import Stage1Cache, needs_observations, shares_stage1, stage1_key, stage1_training_config
 from ..storage import delete_dir
-from .cluster import experiment_uri
+from .cluster import experiment_uri, remove_trial_scratch
 from .collate import error_message
 from .progress import RichProgress
 from .trainables import STAGE1_CACHE_KEY, train_stage1_trial, trial_dirname
@@ -68,7 +68,7 @@ def ensure_stage1(configs: list[Config], cache_root: str, storage_root: str, nam
             run_config=tune.RunConfig(name=f"{name}-stage1", storage_path=storage_root, verbose=0,
                                       callbacks=[RichProgress(len(jobs), metric=None, label="stage I")] if progress else [],
                                       failure_config=tune.FailureConfig(max_failures=max_failures)))
-        for result in tuner.fit():
+        for result in remove_trial_scratch(tuner.fit()):
             if result.error is not None:
                 job = (result.config or {}).get("job", {})
                 key = (result.metrics or {}).get("stage1_key") or job.get("config", {}).get("seed", "?")

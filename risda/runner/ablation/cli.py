@@ -172,9 +172,10 @@ def run(args, console) -> int:
             check_same_plan(plan, storage, name)
         results_dir.mkdir(parents=True, exist_ok=True)
         (results_dir / "plan.json").write_text(json.dumps(plan, indent=1))
-        we_started = init_ray(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                              include_dashboard=False, logging_level="warning", log_to_driver=False)
+        we_started = True  # until init_ray says otherwise: an interrupted start-up is shut down too
         try:
+            we_started = init_ray(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                                  include_dashboard=False, logging_level="warning", log_to_driver=False)
             console.print(f"Ray: {cluster_summary()}; per trial {args.cpus_per_trial:g} CPU, {args.gpus_per_trial:g} GPU")
             if args.gpus_per_trial == 0 and ray.cluster_resources().get("GPU", 0):
                 console.print("[yellow]note:[/] the cluster has GPUs but --gpus-per-trial is 0: trials train on CPUs "

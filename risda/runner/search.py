@@ -453,7 +453,7 @@ def main(argv=None, trainable=None) -> int:
             fresh_study(study_storage, name, args.restart)
             return tune.Tuner(
                 train, param_space=param_space,
-                tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=args.num_samples,
+                tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=args.num_samples, reuse_actors=True,
                                             search_alg=make_search_alg(space, args, cfg, study_storage, name, point),
                                             scheduler=make_scheduler(args, cfg),
                                             trial_dirname_creator=trial_dirname),

@@ -64,7 +64,7 @@ def ensure_stage1(configs: list[Config], cache_root: str, storage_root: str, nam
         tuner = tune.Tuner(
             tune.with_resources(train_stage1_trial, resources),
             param_space={"job": tune.grid_search(jobs)},
-            tune_config=tune.TuneConfig(trial_dirname_creator=trial_dirname),
+            tune_config=tune.TuneConfig(trial_dirname_creator=trial_dirname, reuse_actors=True),
             run_config=tune.RunConfig(name=f"{name}-stage1", storage_path=storage_root, verbose=0,
                                       callbacks=[RichProgress(len(jobs), metric=None, label="stage I")] if progress else [],
                                       failure_config=tune.FailureConfig(max_failures=max_failures)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import logging
 import random
 import shutil
@@ -70,7 +71,8 @@ def train_trial(config: dict) -> None:
                 return
             report(metrics, checkpoint)
 
-        summary = train(cfg, on_epoch=on_epoch, resume_from=resume_from, stage1_from=stage1_from)
+        summary = train(cfg, on_epoch=on_epoch, resume_from=resume_from, stage1_from=stage1_from,
+                        data=trial_data(cfg))
         scalars = {f"summary_{k}": v for k, v in summary.items() if isinstance(v, (int, float, str)) or v is None}
         last = final or {"metrics": {"epochs_done": cfg.epochs, **facts}, "checkpoint": None}  # restored at its end
         report({**last["metrics"], **scalars}, last["checkpoint"])
@@ -100,7 +102,8 @@ def train_stage1_trial(config: dict) -> None:
                 storage.upload(checkpoint, partial)
             tune.report({**record, "epochs_done": record["epoch"] + 1, "cached": False, **facts})
 
-        done = train(cfg, on_epoch=on_epoch, resume_from=resume_from, stage1_only=True, observe_reference=observations)
+        done = train(cfg, on_epoch=on_epoch, resume_from=resume_from, stage1_only=True, observe_reference=observations,
+                     data=trial_data(cfg))
         cache.store(cfg, Path(done["checkpoint"]), {"observations": observations, "wall_time_s": done["wall_time_s"],
                                                     "precision": done["precision"], "device": facts["device"],
                                                     "epochs": cfg.resolved().stage1_epochs, "train_size": done["train_size"],
@@ -149,6 +152,22 @@ def remove_scratch(trial_ids) -> list[Path]:
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder)
     return removed
+
+
+_DATA_CACHE: dict[str, object] = {}  # per worker process; Tune reuses the actors (reuse_actors=True)
+
+
+def trial_data(cfg: Config):
+    """The trial's splits, loaded once per worker process and data config: with reused actors
+    the next trial on the same data skips the load (about 1 s of a ~9 s per-trial overhead)."""
+    from ..data import load_long_tail
+    c = cfg.resolved()
+    key = json.dumps([c.dataset, c.data_root, c.imbalance, c.n_max, c.val_per_class, c.test_per_class, c.subset_seed,
+                      c.image_size, c.pad_mode, c.cache_dir, c.num_workers, c.device])
+    if key not in _DATA_CACHE:
+        _DATA_CACHE.clear()  # one data set at a time: a worker may serve several experiments
+        _DATA_CACHE[key] = load_long_tail(c, pick_device(c.device))
+    return _DATA_CACHE[key]
 
 
 def trial_facts(cfg: Config) -> dict:

@@ -87,7 +87,7 @@ def run_experiment(plan: dict, storage: str, name: str, cpus_per_trial: float, g
     def new_tuner():
         return tune.Tuner(
             train, param_space=space,
-            tune_config=tune.TuneConfig(num_samples=1),
+            tune_config=tune.TuneConfig(num_samples=1, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage, verbose=0, callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=max_failures),

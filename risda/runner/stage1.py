@@ -70,9 +70,9 @@ def ensure_stage1(configs: list[Config], cache_root: str, storage_root: str, nam
                                       failure_config=tune.FailureConfig(max_failures=max_failures)))
         for result in remove_trial_scratch(tuner.fit()):
             if result.error is not None:
+                # A trial that failed before its first report has no metrics: the key comes from its job.
                 job = (result.config or {}).get("job", {})
-                key = (result.metrics or {}).get("stage1_key") or job.get("config", {}).get("seed", "?")
-                errors[str(key)] = error_message(result.error)
+                errors[stage1_key(Config.from_dict(job["config"]))] = error_message(result.error)
     rows = []
     for key, (cfg, obs) in plan.items():
         info = cache.lookup(cfg, obs)

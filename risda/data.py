@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +113,8 @@ def read_image_tree(split_dir: Path, size: int, cache_dir: str) -> tuple[np.ndar
             cache.unlink(missing_ok=True)
     images = decode_images(files, size)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
+    # Trials on one node may decode the same tree at once: each writes its own temporary file.
+    tmp = cache.with_name(f"{cache.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.npz")
     np.savez(tmp, images=images, labels=labels)
     os.replace(tmp, cache)
     return images, labels, classes

@@ -7,6 +7,7 @@ import math
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -334,9 +335,14 @@ def test_end_to_end_two_arms_two_imbalances(cifar10_root, tmp_path, ray_local, c
     assert png[:8] == PNG_MAGIC and len(png) > 5000
     assert (results / "table.md").read_text().count("|") > 10
 
+    plan = json.loads((results / "plan.json").read_text())  # what the report prints as code, command, span
+    assert plan["argv"] == args and len(plan["commit"]) == 40 and isinstance(plan["dirty"], bool)
+    assert plan["started_at"] < plan["ended_at"] <= time.time()
+
     # the same command again continues the finished experiment: nothing retrains
     assert run.main(args) == 0
     rerun = pd.read_parquet(results / "runs.parquet")
+    assert json.loads((results / "plan.json").read_text())["started_at"] == plan["started_at"]  # the whole span
     assert "continued the existing experiment" in capsys.readouterr().out
     pd.testing.assert_series_equal(rerun.wall_time_s, runs.wall_time_s)
     # re-collating without training gives the same rows

@@ -114,6 +114,28 @@ def test_generic_imagefolder_resizes_and_keeps_tree(tmp_path):
     assert any((tmp_path / "cache").iterdir())  # decoded once, cached
 
 
+def test_two_writers_of_one_decode_cache_do_not_collide(tmp_path, monkeypatch):
+    """Two trials on one node decode the same tree at once (CI saw the second one's rename fail):
+    a second writer saving and renaming between the first one's save and rename must not break it."""
+    from PIL import Image
+    import risda.data as data_module
+    for c in range(2):
+        (tmp_path / "train" / f"c{c}").mkdir(parents=True)
+        Image.fromarray(np.full((8, 8, 3), 40 * c, np.uint8)).save(tmp_path / "train" / f"c{c}" / "0.png")
+    real_savez, nested = np.savez, []
+
+    def savez_then_other_writer(path, **arrays):
+        real_savez(path, **arrays)
+        if not nested:  # the other trial writes and renames its copy now
+            nested.append(True)
+            data_module.read_image_tree(tmp_path / "train", 8, str(tmp_path / "cache"))
+
+    monkeypatch.setattr(data_module.np, "savez", savez_then_other_writer)
+    images, labels, classes = data_module.read_image_tree(tmp_path / "train", 8, str(tmp_path / "cache"))
+    assert nested and classes == ["c0", "c1"] and labels.tolist() == [0, 1] and images.shape == (2, 3, 8, 8)
+    assert [p.name.endswith(".tmp.npz") for p in (tmp_path / "cache").iterdir()] == [False]  # one cache, no leftovers
+
+
 def test_batch_augmentation_keeps_shapes_and_pixels():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)

@@ -23,7 +23,6 @@ import math
 import os
 import platform
 import shlex
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,8 +35,8 @@ from ..data import NUM_CLASSES
 from ..evaluate import GROUPS, SELECTIONS
 from .ablation.spec import ARM_LABELS, DATASET_LABELS, axis_label, coerce, published_rows, value_label
 from .ablation.tables import FAILED, METRICS, NOT_RUN, OK, failure_lines, fill_from_epochs, group_axes, summarize_runs
+from .provenance import REPO, git
 
-REPO = Path(__file__).resolve().parents[2]  # the checkout this file is in (for git)
 DEFAULT_OUT = "REPRODUCTION.md"   # beside the results folder: results/REPRODUCTION.md
 
 SELECTION_LABELS = {"last": "(a) last epoch", "best_val": "(b) best-val epoch", "best_test": "(c) best-test epoch"}
@@ -114,16 +113,6 @@ def torch_version() -> str:
         return torch.__version__
     except Exception:  # noqa: BLE001 - the report is still useful without torch
         return "not importable"
-
-
-def git(*args: str) -> str | None:
-    """A read-only git command in the repository (no index refresh written), or None."""
-    try:
-        r = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=20,
-                           env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return r.stdout.strip() if r.returncode == 0 else None
 
 
 def _values(runs: pd.DataFrame, col: str) -> list[str]:

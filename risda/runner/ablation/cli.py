@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from ...config import Config, ConfigError, add_config_args, config_overrides
 from ...evaluate import SUMMARY_ERRORS
 from ..cluster import add_runner_args, cluster_summary, experiment_uri, init_ray, storage_uri
 from ..collate import Outcome, write_parquet
+from ..provenance import code_state
 from ..stage1 import Stage1Failed, Stage1Interrupted, describe_stage1, stage1_cache_root
 from ..trainables import absolute_paths
 from .experiment import load_results, run_experiment, saved_plan, trials_from_grid
@@ -133,15 +135,28 @@ def main(argv=None) -> int:
     if not console.is_terminal:  # logs and pipes: keep the paper-layout table on one line per row
         console = Console(width=max(console.width, 160))
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     try:
-        return run(args, console)
+        return run(args, console, argv)
     except ConfigError as e:
         console.print(f"[bold red]error:[/] {e}")
         return 2
 
 
-def run(args, console) -> int:
+def stamp_provenance(plan: dict, argv: list[str], previous: Path | None) -> None:
+    """Record in the plan the code, the command and when the experiment started (kept from an
+    earlier invocation of the same experiment, so that a resumed run reports its whole span)."""
+    started = time.time()
+    if previous is not None and previous.exists():
+        try:
+            started = json.loads(previous.read_text()).get("started_at") or started
+        except (OSError, ValueError):
+            pass
+    plan.update(code_state(), argv=[str(a) for a in argv], started_at=started)
+
+
+def run(args, console, argv=()) -> int:
     plan = plan_from_args(args)
     name = args.name or plan["spec"]["name"]
     results_dir = Path(args.results) / name
@@ -171,6 +186,7 @@ def run(args, console) -> int:
         if not args.restart:
             check_same_plan(plan, storage, name)
         results_dir.mkdir(parents=True, exist_ok=True)
+        stamp_provenance(plan, argv, None if args.restart else results_dir / "plan.json")
         (results_dir / "plan.json").write_text(json.dumps(plan, indent=1))
         we_started = True  # until init_ray says otherwise: an interrupted start-up is shut down too
         try:
@@ -209,6 +225,9 @@ def run(args, console) -> int:
     summary = summarize_runs(runs, plan)
     results_dir.mkdir(parents=True, exist_ok=True)
     if args.collate_only and not (results_dir / "plan.json").exists():
+        (results_dir / "plan.json").write_text(json.dumps(plan, indent=1))
+    if not args.collate_only and not args.from_runs:  # the span the report prints
+        plan["ended_at"] = time.time()
         (results_dir / "plan.json").write_text(json.dumps(plan, indent=1))
     write_parquet(runs, results_dir / "runs.parquet")
     write_parquet(summary, results_dir / "summary.parquet")

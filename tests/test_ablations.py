@@ -16,7 +16,7 @@ import pytest
 from risda.config import ConfigError
 from risda.presets import TABLE2
 from risda.runner.ablation import cli as run
-from risda.runner.ablation.spec import (DATA_FIELDS, apply_overrides, expand, list_specs, load_spec, make_plan, parse_spec,
+from risda.runner.ablation.spec import (DATA_FIELDS, apply_overrides, expand, list_specs, load_spec, make_plan, merge_plans, parse_spec,
                                         published_rows, read_best, table2)
 from risda.runner.ablation.tables import (FAILED, METRICS, NOT_RUN, OK, PARTIAL, SELECTIONS, collate_runs, latex_table,
                                           markdown_table, rich_tables, summarize_runs)
@@ -138,6 +138,21 @@ def synthetic(plan, fail=(), skip=(), partial_epochs=()):
                       completed=i not in partial_epochs)
         trials.append(dict(config=c["config"], status="TERMINATED", error=None, result=result))
     return trials
+
+
+def test_merging_plans_of_seeds_run_one_after_another():
+    s0 = {**plan_for("cifar10lt_reduced", {"seed": [0]}), "commit": "a" * 40, "dirty": False, "started_at": 10.0, "ended_at": 20.0}
+    s1 = {**plan_for("cifar10lt_reduced", {"seed": [1]}), "commit": "a" * 40, "dirty": False, "started_at": 30.0, "ended_at": 50.0}
+    merged = merge_plans({"s0": s0, "s1": s1})
+    assert len(merged["cells"]) == len(s0["cells"]) + len(s1["cells"]) == 12
+    assert merged["spec"]["grid"]["seed"] == [0, 1] and merged["axes"] == s0["axes"]
+    assert (merged["commit"], merged["started_at"], merged["ended_at"]) == ("a" * 40, 10.0, 50.0)
+    assert merge_plans({"s0": s0, "again": s0})["cells"] == s0["cells"]  # a cell planned twice counts once
+    assert "commit" not in merge_plans({"s0": s0, "s1": {**s1, "commit": "b" * 40}})  # no single commit to name
+    with pytest.raises(ConfigError, match="lr"):  # the same cell trained with another config
+        merge_plans({"s0": s0, "lr": plan_for("cifar10lt_reduced", {"seed": [0]}, {"lr": 0.05})})
+    with pytest.raises(ConfigError, match="axes"):
+        merge_plans({"s0": s0, "ref": plan_for("cifar10lt_reduced", {"seed": [0], "variant": ["reference"]})})
 
 
 def test_collation_keeps_failed_and_missing_cells_and_matches_pandas():
@@ -350,6 +365,15 @@ def test_end_to_end_two_arms_two_imbalances(cifar10_root, tmp_path, ray_local, c
                      "--name", "e2e"]) == 0
     again = pd.read_parquet(results / "runs.parquet")
     pd.testing.assert_frame_equal(again[["cell", "status", "test_error"]], runs[["cell", "status", "test_error"]])
+    # --merge collates several experiments into one table; here one experiment alone gives the same rows
+    assert run.main(["--collate-only", "--merge", "e2e", "--storage", str(tmp_path / "ray"), "--results",
+                     str(tmp_path / "results"), "--name", "e2e-merged"]) == 0
+    merged = pd.read_parquet(tmp_path / "results" / "e2e-merged" / "runs.parquet")
+    pd.testing.assert_frame_equal(merged[["cell", "status", "test_error"]], runs[["cell", "status", "test_error"]])
+    merged_plan = json.loads((tmp_path / "results" / "e2e-merged" / "plan.json").read_text())
+    assert merged_plan["commands"][0] == "python ablations/run.py " + " ".join(args) and merged_plan["commit"] == plan["commit"]
+    assert run.main(["--collate-only", "--merge", "e2e", "--storage", str(tmp_path / "ray"), "--results",
+                     str(tmp_path / "results"), "--name", "e2e"]) == 2  # it would overwrite its own input
     # the same name with another plan is refused before anything runs
     capsys.readouterr()
     assert run.main(tiny_args(cifar10_root, tmp_path, "e2e", "--arms", "risda,ce", "--imbalance", "100,10", "--lr", "0.05")) == 2

@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import ray
 from ray import tune
 
@@ -32,7 +34,7 @@ from ..trainables import absolute_paths
 from .experiment import load_results, run_experiment, saved_plan, trials_from_grid
 from .figures import plot_study
 from .spec import (DEFAULT_SPEC, apply_overrides, axis_label, expand, list_specs, load_spec, make_plan, parse_list,
-                   plan_differences, read_best, value_label)
+                   merge_plans, plan_differences, read_best, value_label)
 from .tables import (FAILED, NOT_RUN, OK, collate_runs, failure_lines, latex_table, markdown_table, rich_tables,
                      summarize_runs, trials_from_run_dirs)
 
@@ -56,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metric", help="the error shown in the table and figure (default: the spec's, test_error); e.g. few_error, test_error_at_best_val, best_test_error")
     g.add_argument("--dry-run", action="store_true", help="print the cells and exit")
     g.add_argument("--collate-only", action="store_true", help="re-collate an existing experiment into tables and figures without training")
+    g.add_argument("--merge", metavar="NAME,NAME", help="with --collate-only: collate several experiments of one spec "
+                   "(e.g. seeds run one after another, --name study-s0 then --name study-s1) into results/<--name>/")
     g.add_argument("--from-runs", metavar="DIR", help="collate plain `risda.train` run folders (DIR/*/summary.json, e.g. "
                                                      "from bench/gpu_study.sh on a machine without Ray) instead of a Ray experiment")
     add_runner_args(p, default_name="the spec's name")
@@ -156,16 +160,40 @@ def stamp_provenance(plan: dict, argv: list[str], previous: Path | None) -> None
     plan.update(code_state(), argv=[str(a) for a in argv], started_at=started)
 
 
+def command_line(argv) -> str:
+    return "python ablations/run.py " + shlex.join(map(str, argv))
+
+
+def experiment_plan(results_dir: Path, storage: str, name: str) -> dict:
+    """The plan an experiment ran with: results/<name>/plan.json (it has the end time), else
+    the copy beside the Ray experiment."""
+    saved = results_dir / "plan.json"
+    plan = json.loads(saved.read_text()) if saved.exists() else saved_plan(storage, name)
+    if plan is None:
+        raise ConfigError(f"--merge: no experiment {name!r} in {storage} (nor {saved}); check --storage and the names")
+    return plan
+
+
 def run(args, console, argv=()) -> int:
     plan = plan_from_args(args)
     name = args.name or plan["spec"]["name"]
     results_dir = Path(args.results) / name
     storage = storage_uri(args.storage)
-    if args.collate_only:  # the plan the experiment was run with, not today's flags
+    merge = parse_list(args.merge) if args.merge else []
+    if merge and not args.collate_only:
+        raise ConfigError("--merge collates experiments that have run: add --collate-only")
+    if name in merge:
+        raise ConfigError(f"--merge: --name {name!r} is one of the merged experiments, whose results/{name}/ would be "
+                          "overwritten: give the merged table its own --name (or another --results folder)")
+    if merge:
+        plans = {n: experiment_plan(Path(args.results) / n, storage, n) for n in merge}
+        plan = merge_plans(plans)
+        plan["commands"] = [command_line(p["argv"]) for p in plans.values() if p.get("argv")] + [command_line(argv)]
+    elif args.collate_only:  # the plan the experiment was run with, not today's flags
         saved = results_dir / "plan.json"
         plan = json.loads(saved.read_text()) if saved.exists() else (saved_plan(storage, name) or plan)
-        if args.metric:
-            plan["spec"]["metric"] = args.metric
+    if args.collate_only and args.metric:
+        plan["spec"]["metric"] = args.metric
     metric = plan["spec"]["metric"]
     if metric not in SUMMARY_ERRORS:
         raise ConfigError(f"--metric {metric!r}: choose one of {', '.join(SUMMARY_ERRORS)}")
@@ -181,7 +209,13 @@ def run(args, console, argv=()) -> int:
         results_dir.mkdir(parents=True, exist_ok=True)
         (results_dir / "plan.json").write_text(json.dumps(plan, indent=1))
     elif args.collate_only:
-        grid = load_results(storage, name)
+        trials, epochs = [], []
+        for n in merge or [name]:
+            t, e = trials_from_grid(load_results(storage, n), plan["axes"])
+            trials, epochs = trials + t, epochs + [e]
+        epochs = pd.concat(epochs, ignore_index=True)
+        results_dir.mkdir(parents=True, exist_ok=True)
+        (results_dir / "plan.json").write_text(json.dumps(plan, indent=1))
     else:
         if not args.restart:
             check_same_plan(plan, storage, name)
@@ -221,11 +255,9 @@ def run(args, console, argv=()) -> int:
     if grid is not None:
         trials, epochs = trials_from_grid(grid, plan["axes"])
     runs = collate_runs(plan, trials, experiment=str(Path(args.from_runs).resolve()) if args.from_runs
-                        else experiment_uri(storage, name))
+                        else ", ".join(experiment_uri(storage, n) for n in merge or [name]))
     summary = summarize_runs(runs, plan)
     results_dir.mkdir(parents=True, exist_ok=True)
-    if args.collate_only and not (results_dir / "plan.json").exists():
-        (results_dir / "plan.json").write_text(json.dumps(plan, indent=1))
     if not args.collate_only and not args.from_runs:  # the span the report prints
         plan["ended_at"] = time.time()
         (results_dir / "plan.json").write_text(json.dumps(plan, indent=1))

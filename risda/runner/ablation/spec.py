@@ -479,6 +479,42 @@ def plan_cells(plan: dict) -> list[Cell]:
             for c in plan["cells"]]
 
 
+def merge_plans(plans: dict[str, dict]) -> dict:
+    """One plan over the cells of several experiments of one spec, e.g. seeds run one after
+    another (`--collate-only --merge`). Their axes must agree, and a cell planned twice must
+    have the same config. The provenance of each experiment is kept in `merged`."""
+    names, first = list(plans), next(iter(plans.values()))
+    for n, p in plans.items():
+        if p["spec"]["name"] != first["spec"]["name"] or p["axes"] != first["axes"]:
+            raise ConfigError(f"--merge: experiment {n!r} ran spec {p['spec']['name']!r} over axes {p['axes']}, "
+                              f"{names[0]!r} ran {first['spec']['name']!r} over {first['axes']}: merge only experiments "
+                              "of one spec and grid axes")
+    cells: dict[str, dict] = {}
+    for n, p in plans.items():
+        for c in p["cells"]:
+            k = json.dumps(c["key"], sort_keys=True)
+            if k in cells and cells[k]["config"] != c["config"]:
+                raise ConfigError(f"--merge: cell {k} is in several experiments with different configs "
+                                  f"({'; '.join(plan_differences({'cells': [cells[k]]}, {'cells': [c]}))})")
+            cells.setdefault(k, c)
+    spec = copy.deepcopy(first["spec"])
+    for axis in first["axes"]:  # every value any experiment ran, in first-seen order
+        spec["grid"][axis] = list(dict.fromkeys(v for p in plans.values() for v in p["spec"]["grid"][axis]))
+    merged = dict(spec=spec, axes=list(first["axes"]), cells=list(cells.values()),
+                  notes=list(dict.fromkeys(x for p in plans.values() for x in p.get("notes", []))))
+    merged["merged"] = {n: {f: p.get(f) for f in ("commit", "dirty", "argv", "started_at", "ended_at")}
+                        for n, p in plans.items()}
+    commits = {p.get("commit") for p in plans.values()}
+    if len(commits) == 1:
+        merged["commit"] = commits.pop()
+        merged["dirty"] = any(p.get("dirty") for p in plans.values())
+    starts = [p["started_at"] for p in plans.values() if p.get("started_at")]
+    ends = [p["ended_at"] for p in plans.values() if p.get("ended_at")]
+    if starts and ends:
+        merged["started_at"], merged["ended_at"] = min(starts), max(ends)
+    return merged
+
+
 def plan_differences(old: dict, new: dict, limit: int = 5) -> list[str]:
     """What changed between two plans (cells added/removed, config fields that differ)."""
     def index(plan):

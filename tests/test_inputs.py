@@ -151,6 +151,26 @@ def test_ablation_grid_values_are_validated_first(capsys, argv, message):
     assert "error:" in out and message in " ".join(out.split()) and "Traceback" not in out
 
 
+@pytest.mark.parametrize("runner", ["search", "ablation"])
+@pytest.mark.parametrize("flag", ["--results", "--storage"])
+def test_an_unwritable_output_path_is_an_error_before_ray_starts(cifar10_root, tmp_path, capsys, runner, flag):
+    import ray
+    from risda.runner import search
+    from risda.runner.ablation import cli as ablation
+    (tmp_path / "a-file").write_text("")
+    paths = {"--results": str(tmp_path / "results"), "--storage": str(tmp_path / "ray"), flag: str(tmp_path / "a-file" / "x")}
+    argv = ["--dataset", "cifar10lt", "--data-root", str(cifar10_root), "--imbalance", "10", "--n-max", "100",
+            "--test-per-class", "5", "--epochs", "2", *[x for kv in paths.items() for x in kv]]
+    if runner == "search":
+        code = search.main([*argv, "--num-samples", "1"])
+    else:
+        code = ablation.main([*argv, "--arms", "ce", "--seeds", "0", "--no-progress"])
+    captured = capsys.readouterr()
+    out = " ".join((captured.out + captured.err).split())
+    assert code == 2 and f"{flag} {tmp_path / 'a-file' / 'x'}" in out and "not writable" in out, out
+    assert "Traceback" not in out and not ray.is_initialized()
+
+
 def test_ablation_grid_none_for_an_optional_field(capsys):
     from risda.runner.ablation import cli as run
     assert run.main(["--grid", "graph_topk=none,3", "--arms", "risda", "--imbalance", "100", "--seeds", "0", "--dry-run"]) == 0

@@ -26,7 +26,7 @@ from ray import tune
 
 from ...config import Config, ConfigError, add_config_args, config_overrides
 from ...evaluate import SUMMARY_ERRORS
-from ..cluster import add_runner_args, cluster_summary, experiment_uri, init_ray, storage_uri
+from ..cluster import add_runner_args, check_writable, cluster_summary, experiment_uri, init_ray, storage_uri
 from ..collate import Outcome, write_parquet
 from ..provenance import code_state
 from ..stage1 import Stage1Failed, Stage1Interrupted, describe_stage1, stage1_cache_root
@@ -201,6 +201,9 @@ def run(args, console, argv=()) -> int:
     if args.dry_run:
         dry_run(console, plan)
         return 0
+    check_writable(results_dir, "--results")  # before Ray starts or anything trains
+    if not (args.collate_only or args.from_runs):
+        check_writable(storage, "--storage")
 
     started = time.time()
     grid = None

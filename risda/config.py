@@ -103,13 +103,8 @@ class Config:
         def bad(msg):
             raise ConfigError(msg)
 
-        for name, integer, ok, rule in _RANGES:
-            v = getattr(self, name)
-            if v is None and name in _OPTIONAL:
-                continue
-            number = isinstance(v, numbers.Integral if integer else numbers.Real) and not isinstance(v, bool)
-            if not (number and math.isfinite(v) and ok(v)):
-                bad(f"{_flag(name)} must be {'an integer ' if integer else ''}{rule}, got {v!r}")
+        for name in _RANGE_OF:
+            check_field(name, getattr(self, name))
         for name in _BOOLS:
             if not isinstance(getattr(self, name), bool):
                 bad(f"{_flag(name)} must be true or false, got {getattr(self, name)!r}")
@@ -189,6 +184,7 @@ _RANGES = (
     ("eval_every", True, lambda v: v >= 1, ">= 1"),
     ("checkpoint_every", True, lambda v: v >= 1, ">= 1"),
 )
+_RANGE_OF = {name: (integer, ok, rule) for name, integer, ok, rule in _RANGES}
 _FIELD_TYPES = typing.get_type_hints(Config)
 _OPTIONAL = {n for n, tp in _FIELD_TYPES.items() if type(None) in typing.get_args(tp)}
 _BOOLS = tuple(n for n, tp in _FIELD_TYPES.items() if tp is bool)
@@ -197,6 +193,17 @@ TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0"
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def check_field(name: str, value) -> None:
+    """Raise ConfigError unless `value` is finite and in range for Config field `name`: the one
+    rule behind validate(), a search space's bounds and choices, and grid values."""
+    if name not in _RANGE_OF or (value is None and name in _OPTIONAL):
+        return
+    integer, ok, rule = _RANGE_OF[name]
+    number = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and ok(value)):
+        raise ConfigError(f"{_flag(name)} must be {'an integer ' if integer else ''}{rule}, got {value!r}")
 
 
 def parse_field(name: str, text: str):

@@ -123,6 +123,21 @@ def test_search_space_uses_the_field_parser():
     assert search.optuna_distribution("graph_topk", "none|5").choices == (None, 5)
 
 
+@pytest.mark.parametrize("entry, message", [
+    ("alpha=0:nan", "--space alpha=0:nan: --alpha must be >= 0 (paper: 0.5), got nan"),
+    ("lr=0:0.1", "--space lr=0:0.1: --lr must be > 0 (paper: 0.1), got 0.0"),
+    ("beta=-1:1", "--beta must be >= 0"),
+    ("head_count=-2|3", "--head-count must be an integer >= 0, got -2"),
+    ("cb_gamma=0.9:inf:log", "--cb-gamma must be in [0, 1)"),
+    ("alpha=1:0.5", "low <= high"),
+])
+def test_search_space_bounds_are_checked_as_run_flags_are(entry, message):
+    from risda.runner import search
+    with pytest.raises(ConfigError) as e:
+        search.parse_space(entry)
+    assert message in str(e.value)
+
+
 def test_ablation_grid_uses_the_field_parser():
     spec, flags, _ = apply_overrides(load_spec("table5"), {"graph_topk": ["none", "5"], "arm": ["risda"],
                                                             "imbalance": ["100"], "seed": ["0"]})

@@ -161,6 +161,17 @@ def test_search_writes_outputs_with_a_failed_trial(cifar10_root, tmp_path, local
 
 
 @pytest.mark.slow
+def test_a_search_whose_stage1_diverges_fails_and_leaves_no_best_json(cifar10_root, tmp_path, local_ray, capsys):
+    out = tmp_path / "results" / "diverge"
+    out.mkdir(parents=True)
+    (out / "best.json").write_text('{"stale": "from an earlier experiment of this name"}')
+    assert search.main(tiny_argv(cifar10_root, tmp_path, "diverge", "--lr", "1e6")) == 1
+    assert not (out / "best.json").exists()  # no trial finished: nothing may look like a result
+    captured = capsys.readouterr()
+    assert "diverged" in " ".join((captured.out + captured.err).split())
+
+
+@pytest.mark.slow
 def test_more_gpus_than_the_cluster_has_is_an_error_at_start(cifar10_root, tmp_path, local_ray, capsys):
     rc = search.main(tiny_argv(cifar10_root, tmp_path, "no-gpu", "--gpus-per-trial", "0.5"))
     assert rc == 2 and "no node of the cluster has that many GPUs" in capsys.readouterr().err

@@ -41,7 +41,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from ..checkpoint import RESUMABLE_CHANGES
-from ..config import Config, ConfigError, add_config_args, config_overrides, parse_field
+from ..config import Config, ConfigError, add_config_args, check_field, config_overrides, parse_field
 from ..data import NUM_CLASSES, load_long_tail
 from ..evaluate import error_names
 from ..presets import TABLE2
@@ -107,16 +107,22 @@ def optuna_distribution(name: str, spec: str):
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
     try:
         if "|" in spec:
-            return CategoricalDistribution([parse_value(name, v) for v in spec.split("|")])
+            choices = [parse_value(name, v) for v in spec.split("|")]
+            for v in choices:
+                check_field(name, v)
+            return CategoricalDistribution(choices)
         lo, hi, *log = spec.split(":")
         if log not in ([], ["log"]) or field_type(name) not in (int, float):
             raise ValueError
+        lo, hi = parse_value(name, lo), parse_value(name, hi)
+        check_field(name, lo)  # finite and in the field's range, as a run flag is
+        check_field(name, hi)
         if field_type(name) is int:
-            return IntDistribution(int(lo), int(hi), log=bool(log))
-        return FloatDistribution(float(lo), float(hi), log=bool(log))
-    except ConfigError as e:  # a choice that is not a value of the field (nesterov=true|flase)
+            return IntDistribution(lo, hi, log=bool(log))
+        return FloatDistribution(lo, hi, log=bool(log))
+    except ConfigError as e:  # a value the field cannot take (nesterov=true|flase, alpha=0:nan, lr=0:1)
         raise ConfigError(f"--space {name}={spec}: {e}") from None
-    except ValueError:
+    except (ValueError, TypeError):
         raise ConfigError(f"--space {name}={spec}: expected lo:hi, lo:hi:log (numeric fields) or a|b|c "
                           f"of {field_type(name).__name__} values (low <= high, log needs low > 0)") from None
 
@@ -437,6 +443,8 @@ def main(argv=None, trainable=None) -> int:
         shared = stage1_configs(cfg, space, args, console)
         cache_root = stage1_cache_root(args.stage1_cache, storage) if shared else None
         make_scheduler(args, cfg)  # a bad --grace-period fails before Ray starts
+        if args.restart or not tune.Tuner.can_restore(path):  # a new experiment: an older best.json is not its result
+            (out / "best.json").unlink(missing_ok=True)
         owns_ray = not ray.is_initialized()  # set first: a ray.init interrupted halfway is shut down too
         init_ray(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus, logging_level="warning")
         resources = trial_resources(args.cpus_per_trial, args.gpus_per_trial)

@@ -169,6 +169,27 @@ def test_report_completes_group_errors_from_epochs_and_takes_the_command_flag(tm
         assert rows[label][6] == f"{best_val_many.mean():.2f} ± {best_val_many.std():.2f}"
 
 
+def test_a_second_study_and_a_preface(tmp_path):
+    """--also: each study's commit, command and wall time under its own folder name; --preface:
+    a person's reading of the numbers, kept in its own file, placed after the title."""
+    plan = make_plan_()
+    main, _ = write_outputs(tmp_path / "main", plan, synthetic_trials(plan))
+    ref_plan = {**plan, "argv": ["--arms", "risda", "--grid", "variant=reference"], "commit": "c" * 40, "dirty": False,
+                "started_at": T0, "ended_at": T0 + 3725}
+    ref, _ = write_outputs(tmp_path / "ref", ref_plan, synthetic_trials(plan), command=False)
+    preface = tmp_path / "preface.md"
+    preface.write_text("## What the numbers say\n\nReasoning pays here.\n")
+    assert report.main(["--results", str(main), "--also", str(ref), "--preface", str(preface),
+                        "--out", str(tmp_path / "R.md")]) == 0
+    md = (tmp_path / "R.md").read_text()
+    assert md.index("## What the numbers say") < md.index("## Machine") and "Reasoning pays here." in md
+    command = md[md.index("## Command"):md.index("## Wall time")]
+    assert COMMAND in command and "python ablations/run.py --arms risda --grid variant=reference" in command
+    assert command.index(COMMAND) < command.index("variant=reference")
+    assert f"`{'c' * 40}`" in md[md.index("## Code"):md.index("## Command")]
+    assert md[md.index("## Wall time"):md.index("## Protocol")].count("Sum of the cells' wall times") == 2  # one per study
+
+
 def test_missing_outputs_name_the_fix(tmp_path, capsys):
     assert report.main(["--results", str(tmp_path / "nothing")]) == 2
     assert "python ablations/run.py writes results/<name>/" in capsys.readouterr().err

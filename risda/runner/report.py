@@ -387,10 +387,19 @@ def published_table(plan: dict, lam: float | None) -> list[str]:
 
 
 # --- the report ----------------------------------------------------------------------------
+def per_study(studies: list[Outputs], lines) -> list[str]:
+    """lines(study) for one study; for several, each under its results folder's name."""
+    if len(studies) == 1:
+        return [*lines(studies[0]), ""]
+    return [x for o in studies for x in (f"`{o.results.name}`:", "", *lines(o), "")]
+
+
 def render(out: Outputs, commands: list[str] | None = None, out_path: Path | None = None,
-           extras: list[Outputs] | None = None) -> str:
+           extras: list[Outputs] | None = None, preface: str | None = None) -> str:
     """The report of `out`; `extras` (other studies over the same protocol and stage I, e.g. the
-    reference variant run as its own command) add their tables under Results and their runs below."""
+    reference variant run as its own command) add their tables under Results and their runs below.
+    `preface`: Markdown placed after the title (what the numbers say, written by a person and kept
+    in its own file, so that the report can be regenerated without losing it)."""
     plan, runs, summary = out.plan, out.runs, out.summary
     spec = plan["spec"]
     ds = plan["cells"][0]["config"]["dataset"]
@@ -405,10 +414,13 @@ def render(out: Outputs, commands: list[str] | None = None, out_path: Path | Non
     md += [f"**{n_ok} of {len(runs)} planned cells finished**" + (
         "." if not len(bad) else f"; {int((bad.status == FAILED).sum())} failed and {int((bad.status == NOT_RUN).sum())} "
                                  "did not run (listed below, and marked in the tables)."), ""]
-    md += ["## Machine", "", *machine_lines(runs), ""]
-    md += ["## Code", "", *code_lines(plan), ""]
-    md += ["## Command", "", *command_lines(plan, commands or []), ""]
-    md += ["## Wall time", "", *wall_time_lines(runs, plan), ""]
+    if preface:
+        md += [preface.strip(), ""]
+    studies = [out, *(extras or [])]
+    md += ["## Machine", "", *machine_lines(pd.concat([o.runs for o in studies], ignore_index=True)), ""]
+    md += ["## Code", "", *per_study(studies, lambda o: code_lines(o.plan))]
+    md += ["## Command", "", *per_study(studies, lambda o: command_lines(o.plan, (commands or []) if o is out else []))]
+    md += ["## Wall time", "", *per_study(studies, lambda o: wall_time_lines(o.runs, o.plan))]
     md += ["## Protocol", "", "| setting | value |", "| --- | --- |",
            *[f"| {k} | {v} |" for k, v in protocol_rows(plan, runs)], ""]
 
@@ -473,11 +485,12 @@ def _rest(md, out, plan, runs, bad, title, out_path):
 
 
 def write_report(results: str | Path, out: str | Path | None = None, commands: list[str] | None = None,
-                 also: list[str | Path] | None = None) -> Path:
+                 also: list[str | Path] | None = None, preface: str | Path | None = None) -> Path:
     outputs = load_outputs(results)
     path = Path(out) if out else outputs.results.parent / DEFAULT_OUT
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = render(outputs, commands, path.resolve(), [load_outputs(a) for a in also or []])
+    text = render(outputs, commands, path.resolve(), [load_outputs(a) for a in also or []],
+                  Path(preface).read_text() if preface else None)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
@@ -494,9 +507,11 @@ def main(argv=None) -> int:
     p.add_argument("--also", action="append", default=[], metavar="RESULTS",
                    help="another results folder of the same protocol (e.g. the reference variant's), added to the "
                         "report; repeatable")
+    p.add_argument("--preface", metavar="MD_FILE", help="Markdown placed after the title: what the numbers say, "
+                   "kept in its own file so that regenerating the report keeps it")
     args = p.parse_args(argv)
     try:
-        path = write_report(args.results, args.out, args.command, args.also)
+        path = write_report(args.results, args.out, args.command, args.also, args.preface)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

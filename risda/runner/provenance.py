@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -23,3 +24,8 @@ def code_state() -> dict:
     head = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no") if head else None
     return {"commit": head, "dirty": None if status is None else bool(status.strip())}
+
+
+def ablation_command(argv) -> str:
+    """The command line of `ablations/run.py` with these arguments, as plan.json's argv records them."""
+    return "python ablations/run.py " + shlex.join(map(str, argv))

@@ -35,7 +35,7 @@ from ..data import NUM_CLASSES
 from ..evaluate import GROUPS, SELECTIONS
 from .ablation.spec import ARM_LABELS, DATASET_LABELS, axis_label, coerce, published_rows, value_label
 from .ablation.tables import FAILED, METRICS, NOT_RUN, OK, failure_lines, fill_from_epochs, group_axes, summarize_runs
-from .provenance import REPO, git
+from .provenance import REPO, ablation_command, git
 
 DEFAULT_OUT = "REPRODUCTION.md"   # beside the results folder: results/REPRODUCTION.md
 
@@ -168,7 +168,7 @@ def recorded_commands(plan: dict) -> list[str]:
         return [shlex.join(map(str, command))]
     argv = plan.get("argv")
     if isinstance(argv, list) and argv:
-        return ["python ablations/run.py " + shlex.join(map(str, argv))]
+        return [ablation_command(argv)]
     return []
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from ...config import Config, ConfigError, add_config_args, config_overrides
 from ...evaluate import SUMMARY_ERRORS
 from ..cluster import add_runner_args, check_writable, cluster_summary, experiment_uri, init_ray, storage_uri
 from ..collate import Outcome, write_parquet
-from ..provenance import code_state
+from ..provenance import ablation_command, code_state
 from ..stage1 import Stage1Failed, Stage1Interrupted, describe_stage1, stage1_cache_root
 from ..trainables import absolute_paths
 from .experiment import load_results, run_experiment, saved_plan, trials_from_grid
@@ -160,17 +159,18 @@ def stamp_provenance(plan: dict, argv: list[str], previous: Path | None) -> None
     plan.update(code_state(), argv=[str(a) for a in argv], started_at=started)
 
 
-def command_line(argv) -> str:
-    return "python ablations/run.py " + shlex.join(map(str, argv))
+def recorded_plan(results_dir: Path, storage: str, name: str) -> dict | None:
+    """The plan an experiment ran with: results/<name>/plan.json (it has the end time), else
+    the copy beside the Ray experiment, else None."""
+    saved = results_dir / "plan.json"
+    return json.loads(saved.read_text()) if saved.exists() else saved_plan(storage, name)
 
 
 def experiment_plan(results_dir: Path, storage: str, name: str) -> dict:
-    """The plan an experiment ran with: results/<name>/plan.json (it has the end time), else
-    the copy beside the Ray experiment."""
-    saved = results_dir / "plan.json"
-    plan = json.loads(saved.read_text()) if saved.exists() else saved_plan(storage, name)
+    plan = recorded_plan(results_dir, storage, name)
     if plan is None:
-        raise ConfigError(f"--merge: no experiment {name!r} in {storage} (nor {saved}); check --storage and the names")
+        raise ConfigError(f"--merge: no experiment {name!r} in {storage} (nor {results_dir / 'plan.json'}); "
+                          "check --storage and the names")
     return plan
 
 
@@ -188,10 +188,9 @@ def run(args, console, argv=()) -> int:
     if merge:
         plans = {n: experiment_plan(Path(args.results) / n, storage, n) for n in merge}
         plan = merge_plans(plans)
-        plan["commands"] = [command_line(p["argv"]) for p in plans.values() if p.get("argv")] + [command_line(argv)]
+        plan["commands"] = [ablation_command(p["argv"]) for p in plans.values() if p.get("argv")] + [ablation_command(argv)]
     elif args.collate_only:  # the plan the experiment was run with, not today's flags
-        saved = results_dir / "plan.json"
-        plan = json.loads(saved.read_text()) if saved.exists() else (saved_plan(storage, name) or plan)
+        plan = recorded_plan(results_dir, storage, name) or plan
     if args.collate_only and args.metric:
         plan["spec"]["metric"] = args.metric
     metric = plan["spec"]["metric"]

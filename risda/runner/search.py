@@ -438,12 +438,13 @@ def main(argv=None, trainable=None) -> int:
         check_writable(storage, "--storage")
         params = list(space)
         identity = experiment_identity(cfg, space, args)
-        if not args.restart and tune.Tuner.can_restore(path):
+        continuing = not args.restart and tune.Tuner.can_restore(path)
+        if continuing:
             check_same_experiment(path, identity)
         shared = stage1_configs(cfg, space, args, console)
         cache_root = stage1_cache_root(args.stage1_cache, storage) if shared else None
         make_scheduler(args, cfg)  # a bad --grace-period fails before Ray starts
-        if args.restart or not tune.Tuner.can_restore(path):  # a new experiment: an older best.json is not its result
+        if not continuing:  # a new experiment: an older best.json is not its result
             (out / "best.json").unlink(missing_ok=True)
         owns_ray = not ray.is_initialized()  # set first: a ray.init interrupted halfway is shut down too
         init_ray(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus, logging_level="warning")

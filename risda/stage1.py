@@ -40,10 +40,15 @@ def shares_stage1(cfg: Config) -> bool:
 
 
 def stage1_fields(cfg: Config) -> dict:
-    """Every resolved field that changes what stage I computes; everything not listed as stage-II
-    or bookkeeping counts, so a new Config field is a stage-I field until said otherwise."""
+    """Every resolved field that changes what stage I computes, where it differs from Config's
+    default. Everything not listed as stage-II or bookkeeping counts, so a new Config field is a
+    stage-I field until said otherwise; a field at its default is left out, so adding a field
+    (whose default keeps today's behaviour) keeps every existing key and cache entry valid. The
+    map is still one-to-one: two configs that differ in a stage-I field differ in this dict."""
     c = cfg.resolved()  # variant-dependent defaults (subset seed, padding, warm-up) resolved first
-    return {k: v for k, v in c.to_dict().items() if k not in STAGE2_FIELDS | BOOKKEEPING_FIELDS}
+    defaults = Config().to_dict()
+    return {k: v for k, v in c.to_dict().items()
+            if k not in STAGE2_FIELDS | BOOKKEEPING_FIELDS and v != defaults[k]}
 
 
 def stage1_key(cfg: Config) -> str:

@@ -127,6 +127,22 @@ def _layout_error(root: Path, dataset: str) -> ConfigError:
     return ConfigError(f"data root {root} has the wrong layout for dataset {dataset!r}: expected {expected}")
 
 
+def download_cifar(cls, root: Path) -> None:
+    """torchvision's download of CIFAR-10/100 into root; DownloadFailed (one line) when it cannot."""
+    from .failures import DownloadFailed, StorageFault, one_line, writing
+    try:
+        with writing(root, "free space (about 170 MB) and rerun the same command"):
+            cls(str(root), train=True, download=True)
+            cls(str(root), train=False, download=True)
+    except StorageFault:
+        raise
+    except (OSError, RuntimeError) as e:  # URLError, HTTPError, timeouts; RuntimeError: a corrupt archive
+        why = one_line(getattr(e, "reason", None) or e)[:200]
+        raise DownloadFailed(f"--download could not fetch {cls.__name__} into {root} ({type(e).__name__}: {why}): "
+                             f"check the network, or copy torchvision's CIFAR folder (or an ImageFolder tree) there "
+                             f"yourself and drop --download") from e
+
+
 def read_source(cfg: Config) -> dict:
     """Raw train/test images and labels for cfg.dataset from cfg.data_root (no subsampling)."""
     root = Path(cfg.data_root).expanduser()
@@ -135,8 +151,7 @@ def read_source(cfg: Config) -> dict:
         import torchvision
         cls = torchvision.datasets.CIFAR10 if cfg.dataset == "cifar10lt" else torchvision.datasets.CIFAR100
         root.mkdir(parents=True, exist_ok=True)
-        cls(str(root), train=True, download=True)
-        cls(str(root), train=False, download=True)
+        download_cifar(cls, root)
     if not root.is_dir():
         hint = " (or add --download)" if folder_name else ""
         raise ConfigError(f"data root {root} does not exist: pass --data-root pointing at your data{hint}")

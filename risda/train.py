@@ -6,9 +6,12 @@ import sys
 from pathlib import Path
 
 from .config import Config, ConfigError, add_config_args, config_overrides
+from .display import error_text
+from .failures import one_line, runtime_message
 
 # Input errors: printed as one line `error: <message>` (exit 2), the traceback only with --debug.
 INPUT_ERRORS = (ConfigError, FileNotFoundError)
+# Runtime failures (a divergence, a storage fault, a failed --download): one line too, exit 1.
 
 
 def preflight(cfg: Config) -> None:
@@ -32,7 +35,7 @@ def preflight(cfg: Config) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train one long-tailed run (RISDA or a baseline).")
     add_config_args(parser)
-    parser.add_argument("--debug", action="store_true", help="on bad input, show the Python traceback instead of the one-line error")
+    parser.add_argument("--debug", action="store_true", help="on bad input or a runtime failure (divergence, storage fault, failed download), show the Python traceback instead of the one-line error")
     shared = parser.add_argument_group("shared stage I (risda.stage1; the Ray runner does this by itself)")
     shared.add_argument("--stage1-only", action="store_true",
                         help="train stage I alone (plain CE; with --variant reference it also records the reference "
@@ -59,11 +62,22 @@ def main(argv=None) -> int:
     except INPUT_ERRORS as e:
         if args.debug:
             raise
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        print("error: " + one_line(e), file=sys.stderr)
         return 2
-    print(f"test error {summary['test_error']:.2f}%  (many {summary['many_error']}, medium {summary['medium_error']}, "
-          f"few {summary['few_error']})  -> {cfg.out}/summary.json")
+    except Exception as e:
+        message = runtime_message(e)
+        if message is None or args.debug:
+            raise
+        print("error: " + message, file=sys.stderr)
+        return 1
+    print(result_line(summary, cfg.out))
     return 0
+
+
+def result_line(summary: dict, out) -> str:
+    """The run's last line: its test errors, an empty group as `–` (risda.display)."""
+    groups = ", ".join(f"{g} {error_text(summary[f'{g}_error'], 1)}" for g in ("many", "medium", "few"))
+    return f"test error {error_text(summary['test_error'])}%  ({groups})  -> {out}/summary.json"
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from .checkpoint import load_checkpoint, load_stage1_checkpoint, save_checkpoint
 from .config import Config
 from .data import LongTailData, load_long_tail
 from .evaluate import evaluate, selected_errors, shot_groups
+from .failures import RunFailure, divergence_hint
 from .method import RISDAObjective, SharedStage1
 from .models import build_model
 from .objectives import DeferredReweighting, Objective
@@ -35,7 +36,7 @@ DIVERGED_LOSS = 1e4
 PROGRESS_EVERY = 20    # steps between the progress bar's loss readings (each one is a host sync)
 
 
-class DivergedError(RuntimeError):
+class DivergedError(RunFailure):
     """The training loss stopped being finite, or exploded."""
 
 
@@ -115,7 +116,8 @@ def check_diverged(loss_sum: torch.Tensor, seen: int, cfg: Config, epoch: int, l
     what = "became " + str(loss) if not math.isfinite(loss) else f"exploded to {loss:.3g} (> {DIVERGED_LOSS:g})"
     raise DivergedError(
         f"diverged: the mean training loss {what} at epoch {epoch} (lr {lr:g}, arm {cfg.arm}, alpha {cfg.alpha}, "
-        f"beta {cfg.beta}); lower --lr, --alpha or --beta. The last good checkpoint, if any, is {out / 'checkpoint.pt'}")
+        f"beta {cfg.beta}); lower --lr, --alpha or --beta. The last good checkpoint, if any, is {out / 'checkpoint.pt'}"
+        + divergence_hint(cfg.variant, cfg.stage1_epochs, cfg.epochs, epoch))
 
 
 def train(cfg: Config, on_epoch: EpochCallback | None = None, resume_from: Path | None = None,

@@ -46,6 +46,8 @@ def add_runner_args(parser, default_name: str) -> None:
     w.add_argument("--shared-stage1", action=argparse.BooleanOptionalAction, default=True,
                    help="train each distinct stage I once and fork every trial's stage II from it (default: on; "
                         "--no-shared-stage1 trains each trial's own stage I)")
+    w.add_argument("--debug", action="store_true", help="on bad input or a runtime failure (divergence, storage fault, "
+                                                        "failed download), show the Python traceback instead of one line")
     w.add_argument("--stage1-cache", default=None, metavar="DIR|URI",
                    help="the stage-I cache, shared by searches and ablations over the same base config "
                         "(default: <storage>/stage1)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ray import tune
 
+from ..display import EMPTY, is_empty
 from ..evaluate import error_names
 
 
@@ -49,7 +50,7 @@ class RichProgress(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result
-        score = f"{self.metric} {_fmt(r.get(self.metric))}  test {_fmt(r.get('test_error'))}  " if self.metric else ""
+        score = f"{self.metric} {_score(r.get(self.metric))}  test {_score(r.get('test_error'))}  " if self.metric else ""
         self._progress().console.log(f"done   {self._describe(trial)}  {score}epochs {r.get('epochs_done', 0)}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -64,7 +65,15 @@ class RichProgress(tune.Callback):
 
 
 def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    """A parameter or an error as printed; NaN (an empty group, nothing measured) as `–`."""
+    if isinstance(v, float):
+        return EMPTY if is_empty(v) else f"{v:.4g}"
+    return str(v)
+
+
+def _score(v) -> str:
+    """An error as printed: None too is `–`."""
+    return EMPTY if is_empty(v) else _fmt(v)
 
 
 def print_top(trials, metric: str = "val_error", params=(), n: int = 10, title: str = "top trials") -> None:
@@ -85,7 +94,7 @@ def print_top(trials, metric: str = "val_error", params=(), n: int = 10, title: 
     for label in columns.values():
         table.add_column(label, justify="left" if label == "trial" else "right", no_wrap=True)
     for _, row in scored.head(n).iterrows():
-        table.add_row(*[_fmt(row.get(c)) for c in columns])
+        table.add_row(*[_score(row.get(c)) if c.startswith("final_") else _fmt(row.get(c)) for c in columns])
     console.print(table)
     failed = trials[trials["error"].notna()]
     for _, row in failed.iterrows():

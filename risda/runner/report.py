@@ -32,6 +32,7 @@ import pandas as pd
 
 from ..config import Config
 from ..data import NUM_CLASSES
+from ..display import EMPTY, error_text
 from ..evaluate import GROUPS, SELECTIONS
 from .ablation.spec import ARM_LABELS, DATASET_LABELS, axis_label, coerce, published_rows, value_label
 from .ablation.tables import FAILED, METRICS, NOT_RUN, OK, failure_lines, fill_from_epochs, group_axes, summarize_runs
@@ -324,7 +325,7 @@ def cell_text(r: dict, metric: str) -> str:
     mean, std, n = r[f"{metric}_mean"], r[f"{metric}_std"], r[f"{metric}_count"]
     n = 0 if _nan(n) else int(n)
     if n == 0 or _nan(mean):
-        return "n/a"
+        return EMPTY  # an empty group (no few-shot class), or nothing measured
     text = f"{mean:.2f}" + (f" ± {std:.2f}" if n > 1 and not _nan(std) else "")
     return text + (f" (n={n})" if n < r["n_ok"] else "")
 
@@ -476,8 +477,8 @@ def _rest(md, out, plan, runs, bad, title, out_path):
     md += ["## Every run", "", "| cell | status | (a) last | (b) best-val | (c) best-test | best-test epoch | epochs run | wall time |",
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in runs.to_dict("records"):
-        f = lambda v: "—" if _nan(v) else f"{v:.2f}"
-        i = lambda v: "—" if _nan(v) else f"{int(v)}"
+        f = error_text
+        i = lambda v: EMPTY if _nan(v) else f"{int(v)}"
         md.append(f"| {r['cell']} | {r['status'].upper() if r['status'] == FAILED else r['status']} | {f(r['test_error'])} | "
                   f"{f(r['test_error_at_best_val'])} | {f(r['best_test_error'])} | {i(r.get('best_test_epoch'))} | "
                   f"{i(r.get('epochs_run'))} | {duration(r.get('wall_time_s'))} |")

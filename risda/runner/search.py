@@ -37,6 +37,7 @@ from pathlib import Path
 
 import ray
 from ray import tune
+from rich.markup import escape
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
@@ -50,6 +51,7 @@ from ..storage import read_text, write_text
 from .cluster import (add_runner_args, check_writable, cluster_summary, experiment_uri, init_ray, remove_trial_scratch,
                       restore_or_new_tuner, storage_uri, trial_resources)
 from .collate import Outcome, best_trial, collate, write_parquet
+from .exits import failure_exit
 from .progress import RichProgress, print_top
 from .stage1 import Stage1Failed, Stage1Interrupted, describe_stage1, ensure_stage1, stage1_cache_root
 from .trainables import STAGE1_CACHE_KEY, absolute_paths, train_trial, trial_dirname
@@ -486,8 +488,12 @@ def main(argv=None, trainable=None) -> int:
         console.print(f"[yellow]interrupted:[/yellow] {e}")
         return 130
     except (ConfigError, Stage1Failed) as e:
-        console.print(f"[red]error:[/red] {e}")
+        if args.debug:
+            raise
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         return 2 if isinstance(e, ConfigError) else 1
+    except Exception as e:  # a runtime failure on the driver: one line (risda.runner.exits), else the traceback
+        return failure_exit(e, console, args.debug)
     finally:
         if owns_ray:
             ray.shutdown()

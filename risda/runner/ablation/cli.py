@@ -22,11 +22,13 @@ from pathlib import Path
 import pandas as pd
 import ray
 from ray import tune
+from rich.markup import escape
 
 from ...config import Config, ConfigError, add_config_args, config_overrides
 from ...evaluate import SUMMARY_ERRORS
 from ..cluster import add_runner_args, check_writable, cluster_summary, experiment_uri, init_ray, storage_uri
 from ..collate import Outcome, write_parquet
+from ..exits import failure_exit
 from ..provenance import ablation_command, code_state
 from ..stage1 import Stage1Failed, Stage1Interrupted, describe_stage1, stage1_cache_root
 from ..trainables import absolute_paths
@@ -143,8 +145,12 @@ def main(argv=None) -> int:
     try:
         return run(args, console, argv)
     except ConfigError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        if args.debug:
+            raise
+        console.print(f"[bold red]error:[/] {escape(str(e))}")
         return 2
+    except Exception as e:  # a runtime failure on the driver: one line (risda.runner.exits), else the traceback
+        return failure_exit(e, console, args.debug)
 
 
 def stamp_provenance(plan: dict, argv: list[str], previous: Path | None) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from ...display import EMPTY
 from ...evaluate import GROUPS, SELECTIONS, SUMMARY_ERRORS, selected_errors
 from .spec import (DATASET_LABELS, axis_label, cell_key, coerce, format_key, plan_cells, published_label, published_rows,
                    value_label)
@@ -250,7 +251,7 @@ def cell_text(r: dict | None, metric: str, digits: int = 2) -> tuple[str, str]:
     mean, std = r[f"{metric}_mean"], r[f"{metric}_std"]
     val = "" if math.isnan(mean) else f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
     if r["status"] == OK:
-        return (val or "n/a"), ""
+        return (val or EMPTY), ""  # an empty group (no few-shot class): risda.display
     if r["status"] == FAILED:
         return f"FAILED ({r['n_failed']}/{r['n_runs']})", "bold red"
     if r["status"] == NOT_RUN:

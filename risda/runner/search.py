@@ -27,6 +27,7 @@ to the ablation runner with --config).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -52,6 +53,7 @@ from .cluster import (add_runner_args, check_writable, cluster_summary, experime
                       restore_or_new_tuner, storage_uri, trial_resources)
 from .collate import Outcome, best_trial, collate, write_parquet
 from .exits import failure_exit
+from .lock import hold_experiment
 from .progress import RichProgress, print_top
 from .stage1 import Stage1Failed, Stage1Interrupted, describe_stage1, ensure_stage1, stage1_cache_root
 from .trainables import STAGE1_CACHE_KEY, absolute_paths, train_trial, trial_dirname
@@ -421,8 +423,13 @@ def main(argv=None, trainable=None) -> int:
     args = parse_args(argv)
     owns_ray = False
     started = time.time()
+    held = contextlib.ExitStack()
     try:
         cfg = base_config(args)
+        name = args.name or default_name(cfg)
+        storage = storage_uri(args.storage)
+        check_writable(storage, "--storage")
+        held.enter_context(hold_experiment(storage, name))  # first: one driver per experiment (risda.runner.lock)
         on_cluster = bool(args.address or os.environ.get("RAY_ADDRESS"))
         num_classes = NUM_CLASSES.get(cfg.dataset, 100)
         if not on_cluster or Path(cfg.data_root).exists():  # a cluster's data may live on its nodes only
@@ -432,12 +439,9 @@ def main(argv=None, trainable=None) -> int:
                         f"{data_info['test_size']} test images, {num_classes} classes ({data_info['source']})")
         space = search_space(args, config_overrides(args), cfg, num_classes)
         point = paper_point(cfg.imbalance, space, num_classes) if args.enqueue_paper else None
-        name = args.name or default_name(cfg)
-        storage = storage_uri(args.storage)
         path = experiment_uri(storage, name)
         out = Path(args.results).expanduser().resolve() / name
         check_writable(out, "--results")
-        check_writable(storage, "--storage")
         params = list(space)
         identity = experiment_identity(cfg, space, args)
         continuing = not args.restart and tune.Tuner.can_restore(path)
@@ -490,13 +494,14 @@ def main(argv=None, trainable=None) -> int:
     except (ConfigError, Stage1Failed) as e:
         if args.debug:
             raise
-        console.print(f"[red]error:[/red] {escape(str(e))}")
+        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)  # one line, however long
         return 2 if isinstance(e, ConfigError) else 1
     except Exception as e:  # a runtime failure on the driver: one line (risda.runner.exits), else the traceback
         return failure_exit(e, console, args.debug)
     finally:
         if owns_ray:
             ray.shutdown()
+        held.close()
     print_top(trials, METRIC, params, title=f"{name}: top trials by final {METRIC}")
     outcome = Outcome.of(trials, args.num_samples)
     if best is not None:

@@ -26,6 +26,7 @@ from .. import storage
 from ..config import Config
 from ..stage1 import Stage1Cache, needs_observations, shares_stage1, stage1_key
 from ..trainer import device_name, pick_device, train
+from .lock import hold_key
 
 CHECKPOINT_FILE = "checkpoint.pt"  # the trainer's file; Tune checkpoints hold just this one
 SCRATCH_PREFIX = "risda-trial-"  # a trial's scratch folder: <temp dir>/risda-trial-<trial_id>-<random>
@@ -84,31 +85,35 @@ def train_stage1_trial(config: dict) -> None:
     config: {"job": {"config": <Config dict>, "observations": bool, "stage1_cache": root}}.
     Reports every epoch; keeps its resumable checkpoint in the cache (<key>/partial.pt), so a
     rerun, a retry or another experiment over the same stage I continues it; stores the
-    finished stage I in the cache and reports its key."""
+    finished stage I in the cache and reports its key. It holds the key's lock meanwhile
+    (<cache>/<key>.lock, risda.runner.lock): a second trainer of the same key waits for it."""
     job = config["job"]
     cfg_dict, observations, cache = job["config"], bool(job["observations"]), Stage1Cache(job[STAGE1_CACHE_KEY])
     with trial_scratch() as out:
         cfg = trial_config(cfg_dict, out)
         key = stage1_key(cfg)
         facts = {**trial_facts(cfg), "stage1_key": key}
-        if cache.lookup(cfg, observations) is not None:
-            tune.report({"epochs_done": cfg.resolved().stage1_epochs, "cached": True, **facts})
-            return
-        partial = cache.partial(cfg)
-        resume_from = storage.download(partial, out / "checkpoint.pt") if storage.exists(partial) else None
+        # One trainer per key: another experiment training the same stage I now is waited for, and
+        # its entry is then found below (or, if it died, its partial checkpoint continued).
+        with hold_key(f"{cache.entry(key)}.lock"):
+            if cache.lookup(cfg, observations) is not None:
+                tune.report({"epochs_done": cfg.resolved().stage1_epochs, "cached": True, **facts})
+                return
+            partial = cache.partial(cfg)
+            resume_from = storage.download(partial, out / "checkpoint.pt") if storage.exists(partial) else None
 
-        def on_epoch(record: dict, checkpoint: Path | None) -> None:
-            if checkpoint is not None:
-                storage.upload(checkpoint, partial)
-            tune.report({**record, "epochs_done": record["epoch"] + 1, "cached": False, **facts})
+            def on_epoch(record: dict, checkpoint: Path | None) -> None:
+                if checkpoint is not None:
+                    storage.upload(checkpoint, partial)
+                tune.report({**record, "epochs_done": record["epoch"] + 1, "cached": False, **facts})
 
-        done = train(cfg, on_epoch=on_epoch, resume_from=resume_from, stage1_only=True, observe_reference=observations,
-                     data=trial_data(cfg))
-        cache.store(cfg, Path(done["checkpoint"]), {"observations": observations, "wall_time_s": done["wall_time_s"],
-                                                    "precision": done["precision"], "device": facts["device"],
-                                                    "epochs": cfg.resolved().stage1_epochs, "train_size": done["train_size"],
-                                                    "trial_id": tune.get_context().get_trial_id()})
-        storage.delete_file(partial)
+            done = train(cfg, on_epoch=on_epoch, resume_from=resume_from, stage1_only=True, observe_reference=observations,
+                         data=trial_data(cfg))
+            cache.store(cfg, Path(done["checkpoint"]), {"observations": observations, "wall_time_s": done["wall_time_s"],
+                                                        "precision": done["precision"], "device": facts["device"],
+                                                        "epochs": cfg.resolved().stage1_epochs, "train_size": done["train_size"],
+                                                        "trial_id": tune.get_context().get_trial_id()})
+            storage.delete_file(partial)
 
 
 def report(metrics: dict, checkpoint: Path | None) -> None:

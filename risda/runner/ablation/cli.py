@@ -13,6 +13,7 @@ figure (figure.png) and the plan (plan.json). Prints the table in the paper's la
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -29,6 +30,7 @@ from ...evaluate import SUMMARY_ERRORS
 from ..cluster import add_runner_args, check_writable, cluster_summary, experiment_uri, init_ray, storage_uri
 from ..collate import Outcome, write_parquet
 from ..exits import failure_exit
+from ..lock import hold_experiment
 from ..provenance import ablation_command, code_state
 from ..stage1 import Stage1Failed, Stage1Interrupted, describe_stage1, stage1_cache_root
 from ..trainables import absolute_paths
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         if args.debug:
             raise
-        console.print(f"[bold red]error:[/] {escape(str(e))}")
+        console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)  # one line, however long
         return 2
     except Exception as e:  # a runtime failure on the driver: one line (risda.runner.exits), else the traceback
         return failure_exit(e, console, args.debug)
@@ -181,6 +183,12 @@ def experiment_plan(results_dir: Path, storage: str, name: str) -> dict:
 
 
 def run(args, console, argv=()) -> int:
+    """The study: plan, train (one driver per experiment: risda.runner.lock), collate."""
+    with contextlib.ExitStack() as held:
+        return run_held(args, console, argv, held)
+
+
+def run_held(args, console, argv, held: contextlib.ExitStack) -> int:
     plan = plan_from_args(args)
     name = args.name or plan["spec"]["name"]
     results_dir = Path(args.results) / name
@@ -209,6 +217,7 @@ def run(args, console, argv=()) -> int:
     check_writable(results_dir, "--results")  # before Ray starts or anything trains
     if not (args.collate_only or args.from_runs):
         check_writable(storage, "--storage")
+        held.enter_context(hold_experiment(storage, name))  # before anything of the experiment is touched
 
     started = time.time()
     grid = None

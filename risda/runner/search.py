@@ -44,7 +44,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from ..checkpoint import RESUMABLE_CHANGES
 from ..config import Config, ConfigError, add_config_args, check_field, config_overrides, parse_field
-from ..data import NUM_CLASSES, load_long_tail
+from ..data import NUM_CLASSES
 from ..evaluate import error_names
 from ..presets import TABLE2
 from ..stage1 import BOOKKEEPING_FIELDS, STAGE2_FIELDS, shares_stage1
@@ -52,6 +52,7 @@ from ..storage import read_text, write_text
 from .cluster import (add_runner_args, check_writable, cluster_summary, experiment_uri, init_ray, remove_trial_scratch,
                       restore_or_new_tuner, storage_uri, trial_resources)
 from .collate import Outcome, best_trial, collate, write_parquet
+from .datacheck import check_data, checkable
 from .exits import failure_exit
 from .lock import hold_experiment
 from .progress import RichProgress, print_top
@@ -209,17 +210,6 @@ def search_space(args, given: dict, cfg: Config, num_classes: int) -> dict[str, 
     if clash:
         raise ConfigError(f"{', '.join('--' + c.replace('_', '-') for c in clash)} fixes what --space searches; drop one of them")
     return space
-
-
-def check_data(cfg: Config) -> dict:
-    """Build the splits once on the driver: bad data flags fail here, not in every trial,
-    an image cache is filled once, and an empty validation split is an error."""
-    import torch
-    data = load_long_tail(cfg, torch.device("cpu"))
-    if data.val is None or len(data.val) == 0:
-        raise ConfigError("the validation split is empty; a search needs one: pass --val-per-class N "
-                          f"(e.g. {DEFAULT_VAL_PER_CLASS})")
-    return {**data.info, "num_classes": data.num_classes}
 
 
 def default_name(cfg: Config) -> str:
@@ -430,10 +420,9 @@ def main(argv=None, trainable=None) -> int:
         storage = storage_uri(args.storage)
         check_writable(storage, "--storage")
         held.enter_context(hold_experiment(storage, name))  # first: one driver per experiment (risda.runner.lock)
-        on_cluster = bool(args.address or os.environ.get("RAY_ADDRESS"))
         num_classes = NUM_CLASSES.get(cfg.dataset, 100)
-        if not on_cluster or Path(cfg.data_root).exists():  # a cluster's data may live on its nodes only
-            data_info = check_data(cfg)
+        if checkable(cfg, args.address):  # bad data: one line before Ray starts (risda.runner.datacheck)
+            data_info = check_data(cfg, need_val=f"pass --val-per-class N (e.g. {DEFAULT_VAL_PER_CLASS})")
             num_classes = data_info["num_classes"]
             console.log(f"data: {data_info['train_size']} train / {data_info['val_size']} val / "
                         f"{data_info['test_size']} test images, {num_classes} classes ({data_info['source']})")

@@ -29,6 +29,7 @@ from ...config import Config, ConfigError, add_config_args, config_overrides
 from ...evaluate import SUMMARY_ERRORS
 from ..cluster import add_runner_args, check_writable, cluster_summary, experiment_uri, init_ray, storage_uri
 from ..collate import Outcome, write_parquet
+from ..datacheck import check_cells_data
 from ..exits import failure_exit
 from ..lock import hold_experiment
 from ..provenance import ablation_command, code_state
@@ -218,6 +219,10 @@ def run_held(args, console, argv, held: contextlib.ExitStack) -> int:
     if not (args.collate_only or args.from_runs):
         check_writable(storage, "--storage")
         held.enter_context(hold_experiment(storage, name))  # before anything of the experiment is touched
+        # Every cell's data (layout, long-tailed subset), before Ray starts: one line, exit 2 (as tune/search.py).
+        checked = check_cells_data([Config.from_dict(c["config"]) for c in plan["cells"]], args.address)
+        if checked:
+            console.print(f"data: {checked} distinct data configuration(s) of the {len(plan['cells'])} cells checked")
 
     started = time.time()
     grid = None

@@ -8,6 +8,7 @@ from pathlib import Path
 from .config import Config, ConfigError, add_config_args, config_overrides
 from .display import error_text
 from .failures import one_line, runtime_message
+from .progress import DEFAULT_LOG_EVERY, seconds_flag, set_log_every
 
 # Input errors: printed as one line `error: <message>` (exit 2), the traceback only with --debug.
 INPUT_ERRORS = (ConfigError, FileNotFoundError)
@@ -36,6 +37,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train one long-tailed run (RISDA or a baseline).")
     add_config_args(parser)
     parser.add_argument("--debug", action="store_true", help="on bad input or a runtime failure (divergence, storage fault, failed download), show the Python traceback instead of the one-line error")
+    parser.add_argument("--log-every", type=seconds_flag, default=None, metavar="SECONDS",
+                        help="plain progress lines instead of the bar (also with --no-progress): a line per epoch and, "
+                             "within an epoch, one every SECONDS at most (default when stderr is not a terminal: "
+                             f"{DEFAULT_LOG_EVERY:g} s)")
     shared = parser.add_argument_group("shared stage I (risda.stage1; the Ray runner does this by itself)")
     shared.add_argument("--stage1-only", action="store_true",
                         help="train stage I alone (plain CE; with --variant reference it also records the reference "
@@ -43,6 +48,7 @@ def main(argv=None) -> int:
     shared.add_argument("--stage1-from", metavar="CHECKPOINT",
                         help="fork stage II from a stage-I checkpoint trained with the same stage-I flags")
     args = parser.parse_args(argv)
+    set_log_every(args.log_every)
     try:
         cfg = Config(**config_overrides(args)).validate()
         preflight(cfg)

@@ -17,6 +17,7 @@ import ray
 from ray import tune
 
 from ..config import ConfigError
+from ..progress import seconds_flag
 from ..storage import delete_dir
 from .collate import trial_statuses
 from .trainables import remove_scratch
@@ -48,6 +49,9 @@ def add_runner_args(parser, default_name: str) -> None:
                         "--no-shared-stage1 trains each trial's own stage I)")
     w.add_argument("--debug", action="store_true", help="on bad input or a runtime failure (divergence, storage fault, "
                                                         "failed download), show the Python traceback instead of one line")
+    w.add_argument("--log-every", type=seconds_flag, default=None, metavar="SECONDS",
+                   help="plain progress lines instead of the bar: one per running trial every SECONDS, one per finished "
+                        "or failed trial (default when the output is not a terminal: every 60 s)")
     w.add_argument("--stage1-cache", default=None, metavar="DIR|URI",
                    help="the stage-I cache, shared by searches and ablations over the same base config "
                         "(default: <storage>/stage1)")

@@ -3,9 +3,14 @@ callback) and the table of the best trials after it (`print_top`).
 """
 from __future__ import annotations
 
+import sys
+import time
+
 from ray import tune
 
+from ..config import Config
 from ..display import EMPTY, is_empty
+from ..progress import DEFAULT_LOG_EVERY, duration, log_every, plain_line
 from ..evaluate import error_names
 
 
@@ -13,12 +18,16 @@ class RichProgress(tune.Callback):
     """On the driver: a rich bar of finished trials, each running trial's epoch beside it
     (trials report every epoch, so it moves within a minute), and a line per finished trial.
 
+    In a log file (stdout or stderr not a terminal) or with --log-every SECONDS: plain lines
+    instead, one per running trial every DEFAULT_LOG_EVERY (or SECONDS) seconds (stage,
+    epoch/total, loss, images/s, ETA) and one per finished or failed trial.
+
     Tune pickles its callbacks with the experiment, so the rich objects are made lazily and
     dropped from the pickle."""
 
     def __init__(self, total: int, metric: str | None = "val_error", params=(), label: str = "trials"):
         self.total, self.metric, self.params, self.label = total, metric, tuple(params), label
-        self._bar = None
+        self._bar, self._last_lines = None, 0.0
         self._scores = {}  # trial_id -> last reported metric (reports between evaluations lack it)
 
     def __getstate__(self):
@@ -42,6 +51,9 @@ class RichProgress(tune.Callback):
             self._scores[trial.trial_id] = result[self.metric]
 
     def on_step_end(self, iteration, trials, **info):
+        if plain():
+            self._trial_lines(trials)
+            return
         finished = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
         running = [t for t in trials if t.status == "RUNNING"]
         epochs = ", ".join(f"{t.trial_id[-5:]} ep {t.last_result.get('epochs_done', 0)}" for t in running[:6])
@@ -51,12 +63,32 @@ class RichProgress(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result
         score = f"{self.metric} {_score(r.get(self.metric))}  test {_score(r.get('test_error'))}  " if self.metric else ""
-        self._progress().console.log(f"done   {self._describe(trial)}  {score}epochs {r.get('epochs_done', 0)}")
+        self._log(f"done   {self._describe(trial)}  {score}epochs {r.get('epochs_done', 0)}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         # Tune writes the error file after this call; Tune's log shows the traceback and
         # trials.parquet the message.
-        self._progress().console.log(f"[red]failed {self._describe(trial)}")
+        error = f": {trial.error_msg.strip().splitlines()[-1]}" if getattr(trial, "error_msg", None) else ""
+        self._log(f"failed {self._describe(trial)}{error}", style="red")
+
+    def _log(self, text: str, style: str = "") -> None:
+        if plain():
+            plain_line(f"{self.label}: {text}")
+        else:
+            from rich.markup import escape
+            self._progress().console.log(f"[{style}]{escape(text)}[/]" if style else escape(text))
+
+    def _trial_lines(self, trials) -> None:
+        """Every log-every seconds, a line per running trial."""
+        if time.time() - self._last_lines < (log_every() or DEFAULT_LOG_EVERY):
+            return
+        self._last_lines = time.time()
+        running = [t for t in trials if t.status == "RUNNING"]
+        finished = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        best = f", best {self.metric} {min(self._scores.values()):.2f}" if self._scores else ""
+        plain_line(f"{self.label}: {finished}/{self.total} finished, {len(running)} running{best}")
+        for t in running:
+            plain_line(f"{self.label}: {trial_line(t, self._describe(t))}")
 
     def on_experiment_end(self, trials, **info):
         if self._bar is not None:
@@ -99,3 +131,29 @@ def print_top(trials, metric: str = "val_error", params=(), n: int = 10, title: 
     failed = trials[trials["error"].notna()]
     for _, row in failed.iterrows():
         console.print(f"[red]failed[/red] {row['trial_id']}: {row['error']}")
+
+
+def plain() -> bool:
+    """Plain lines rather than a bar: --log-every given, or the output is a log file or a pipe."""
+    return log_every() is not None or not (sys.stdout.isatty() and sys.stderr.isatty())
+
+
+def trial_epochs(config: dict) -> int | None:
+    """A trial's epochs in all: a shared stage I's (its job's config), else the run's."""
+    job = config.get("job")
+    if isinstance(job, dict) and "config" in job:
+        return Config.from_dict(job["config"]).resolved().stage1_epochs
+    return config.get("epochs")
+
+
+def trial_line(trial, described: str) -> str:
+    """`4f2a1 alpha=0.5 stage I epoch 12/160  loss 1.234  412 img/s  ETA 8m20s` from its last report."""
+    r = trial.last_result or {}
+    done, total = r.get("epochs_done", 0), trial_epochs(trial.config)
+    if "train_loss" not in r:
+        return f"{described}  starting"
+    stage = {1: "I", 2: "II"}.get(r.get("stage"), "?")
+    per_epoch = r.get("time_this_iter_s")
+    eta = duration((total - done) * per_epoch) if per_epoch and total else "?"
+    return (f"{described}  stage {stage} epoch {done}/{total or '?'}  loss {r['train_loss']:.3f}  "
+            f"{r.get('images_per_s', 0):.0f} img/s  ETA {eta}")

@@ -47,6 +47,7 @@ from ..config import Config, ConfigError, add_config_args, check_field, config_o
 from ..data import NUM_CLASSES
 from ..evaluate import error_names
 from ..presets import TABLE2
+from ..progress import set_log_every
 from ..stage1 import BOOKKEEPING_FIELDS, STAGE2_FIELDS, shares_stage1
 from ..storage import read_text, write_text
 from .cluster import (add_runner_args, check_writable, cluster_summary, experiment_uri, init_ray, remove_trial_scratch,
@@ -411,6 +412,7 @@ def main(argv=None, trainable=None) -> int:
     # Trials report every epoch; the metric only on evaluated ones.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     args = parse_args(argv)
+    set_log_every(args.log_every)  # plain progress lines (risda.runner.progress)
     owns_ray = False
     started = time.time()
     held = contextlib.ExitStack()

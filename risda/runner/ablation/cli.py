@@ -27,6 +27,7 @@ from rich.markup import escape
 
 from ...config import Config, ConfigError, add_config_args, config_overrides
 from ...evaluate import SUMMARY_ERRORS
+from ...progress import set_log_every
 from ..cluster import add_runner_args, check_writable, cluster_summary, experiment_uri, init_ray, storage_uri
 from ..collate import Outcome, write_parquet
 from ..datacheck import check_cells_data
@@ -145,6 +146,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    set_log_every(args.log_every)  # plain progress lines (risda.runner.progress)
     try:
         return run(args, console, argv)
     except ConfigError as e:

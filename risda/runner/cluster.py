@@ -36,7 +36,9 @@ def add_runner_args(parser, default_name: str) -> None:
     w.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs per trial (default: 1)")
     w.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per trial, fractions pack trials on a GPU, "
                                                                     "e.g. 0.25 (default: 0)")
-    w.add_argument("--max-failures", type=int, default=0, help="retries of a failed trial from its last checkpoint (default: 0)")
+    w.add_argument("--max-failures", type=int, default=None, help="retries of a failed trial from its last checkpoint; a "
+                   "diverged trial is never retried (default: 2 with --address, so that a lost node's trials restore "
+                   "elsewhere; 0 on the embedded Ray)")
     w.add_argument("--storage", default=None, help=f"Ray experiment storage: a path or a URI pyarrow understands "
                                                    f"(s3://, gs://; shared by all nodes) (default: ./{LOCAL_STORAGE})")
     w.add_argument("--name", default=None, help=f"experiment name (default: {default_name})")
@@ -69,6 +71,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     was already initialised, e.g. by a test fixture or a notebook."""
     if ray.is_initialized():
         return False
+    # The driver does not echo the workers', raylet's and GCS's own logs ("(raylet) ...", "[state-dump]"):
+    # trial failures come through Tune; the logs stay in /tmp/ray/session_*/logs.
+    options.setdefault("log_to_driver", False)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         check_reachable(address)

@@ -57,6 +57,7 @@ from .datacheck import check_data, checkable
 from .exits import failure_exit
 from .lock import hold_experiment
 from .progress import RichProgress, print_top
+from .retry import NoRetryWhenDiverged, max_failures
 from .stage1 import Stage1Failed, Stage1Interrupted, describe_stage1, ensure_stage1, stage1_cache_root
 from .trainables import STAGE1_CACHE_KEY, absolute_paths, train_trial, trial_dirname
 
@@ -413,6 +414,7 @@ def main(argv=None, trainable=None) -> int:
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     args = parse_args(argv)
     set_log_every(args.log_every)  # plain progress lines (risda.runner.progress)
+    args.max_failures = max_failures(args.max_failures, args.address)  # 2 on a cluster (risda.runner.retry)
     owns_ray = False
     started = time.time()
     held = contextlib.ExitStack()
@@ -465,7 +467,7 @@ def main(argv=None, trainable=None) -> int:
                                             trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(
                     name=name, storage_path=storage, verbose=0,
-                    callbacks=[RichProgress(args.num_samples, METRIC, params)],
+                    callbacks=[NoRetryWhenDiverged(), RichProgress(args.num_samples, METRIC, params)],
                     failure_config=tune.FailureConfig(max_failures=args.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
 

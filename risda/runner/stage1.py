@@ -15,6 +15,7 @@ from ..storage import delete_dir
 from .cluster import experiment_uri, remove_trial_scratch
 from .collate import error_message
 from .progress import RichProgress
+from .retry import NoRetryWhenDiverged
 from .trainables import STAGE1_CACHE_KEY, train_stage1_trial, trial_dirname
 
 
@@ -66,7 +67,8 @@ def ensure_stage1(configs: list[Config], cache_root: str, storage_root: str, nam
             param_space={"job": tune.grid_search(jobs)},
             tune_config=tune.TuneConfig(trial_dirname_creator=trial_dirname, reuse_actors=True),
             run_config=tune.RunConfig(name=f"{name}-stage1", storage_path=storage_root, verbose=0,
-                                      callbacks=[RichProgress(len(jobs), metric=None, label="stage I")] if progress else [],
+                                      callbacks=[NoRetryWhenDiverged(), *([RichProgress(len(jobs), metric=None,
+                                                                                       label="stage I")] if progress else [])],
                                       failure_config=tune.FailureConfig(max_failures=max_failures)))
         for result in remove_trial_scratch(tuner.fit()):
             if result.error is not None:

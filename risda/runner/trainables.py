@@ -27,6 +27,7 @@ from ..config import Config
 from ..stage1 import Stage1Cache, needs_observations, shares_stage1, stage1_key
 from ..trainer import device_name, pick_device, train
 from .lock import hold_key
+from .retry import reporting_divergence
 
 CHECKPOINT_FILE = "checkpoint.pt"  # the trainer's file; Tune checkpoints hold just this one
 SCRATCH_PREFIX = "risda-trial-"  # a trial's scratch folder: <temp dir>/risda-trial-<trial_id>-<random>
@@ -72,8 +73,9 @@ def train_trial(config: dict) -> None:
                 return
             report(metrics, checkpoint)
 
-        summary = train(cfg, on_epoch=on_epoch, resume_from=resume_from, stage1_from=stage1_from,
-                        data=trial_data(cfg))
+        with reporting_divergence(facts):  # a diverged trial is not retried (risda.runner.retry)
+            summary = train(cfg, on_epoch=on_epoch, resume_from=resume_from, stage1_from=stage1_from,
+                            data=trial_data(cfg))
         scalars = {f"summary_{k}": v for k, v in summary.items() if isinstance(v, (int, float, str)) or v is None}
         last = final or {"metrics": {"epochs_done": cfg.epochs, **facts}, "checkpoint": None}  # restored at its end
         report({**last["metrics"], **scalars}, last["checkpoint"])
@@ -107,8 +109,9 @@ def train_stage1_trial(config: dict) -> None:
                     storage.upload(checkpoint, partial)
                 tune.report({**record, "epochs_done": record["epoch"] + 1, "cached": False, **facts})
 
-            done = train(cfg, on_epoch=on_epoch, resume_from=resume_from, stage1_only=True, observe_reference=observations,
-                         data=trial_data(cfg))
+            with reporting_divergence(facts):  # a diverged stage I is not retried (risda.runner.retry)
+                done = train(cfg, on_epoch=on_epoch, resume_from=resume_from, stage1_only=True,
+                             observe_reference=observations, data=trial_data(cfg))
             cache.store(cfg, Path(done["checkpoint"]), {"observations": observations, "wall_time_s": done["wall_time_s"],
                                                         "precision": done["precision"], "device": facts["device"],
                                                         "epochs": cfg.resolved().stage1_epochs, "train_size": done["train_size"],

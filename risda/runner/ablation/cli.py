@@ -33,6 +33,7 @@ from ..collate import Outcome, write_parquet
 from ..datacheck import check_cells_data
 from ..exits import failure_exit
 from ..lock import hold_experiment
+from ..retry import max_failures
 from ..provenance import ablation_command, code_state
 from ..stage1 import Stage1Failed, Stage1Interrupted, describe_stage1, stage1_cache_root
 from ..trainables import absolute_paths
@@ -147,6 +148,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     set_log_every(args.log_every)  # plain progress lines (risda.runner.progress)
+    args.max_failures = max_failures(args.max_failures, args.address)  # 2 on a cluster (risda.runner.retry)
     try:
         return run(args, console, argv)
     except ConfigError as e:

@@ -23,6 +23,7 @@ from ...storage import read_text, write_text
 from ..cluster import experiment_uri, remove_trial_scratch, restore_or_new_tuner, trial_resources
 from ..collate import collate
 from ..progress import RichProgress
+from ..retry import NoRetryWhenDiverged
 from ..stage1 import ensure_stage1
 from ..trainables import STAGE1_CACHE_KEY, train_trial
 from .spec import coerce, plan_cells
@@ -76,7 +77,7 @@ def run_experiment(plan: dict, storage: str, name: str, cpus_per_trial: float, g
     resources = trial_resources(cpus_per_trial, gpus_per_trial)
     train = tune.with_resources(train_trial, resources)
     axes = plan["axes"]
-    callbacks = [RichProgress(len(plan["cells"]), metric="test_error", params=axes)] if progress else []
+    callbacks = [NoRetryWhenDiverged()] + ([RichProgress(len(plan["cells"]), metric="test_error", params=axes)] if progress else [])
     stage1 = None
     space = param_space(plan)
     if stage1_cache:

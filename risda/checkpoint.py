@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from .config import Config, ConfigError, _flag
+from .failures import writing
 
 # Fields that may differ between an interrupted run and its resumption.
 RESUMABLE_CHANGES = {"resume", "progress", "out", "device", "num_workers", "cache_dir", "data_root", "download"}
@@ -15,8 +16,22 @@ CHECKPOINT_KEYS = {"config", "model", "optimizer", "objective", "epoch", "histor
 
 def save_checkpoint(path: Path, cfg: Config, **state) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"config": cfg.to_dict(), **state}, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a torn checkpoint
+    # A full or broken disk: StorageFault naming what is intact, and no .tmp left (risda.failures).
+    with writing(path, intact_checkpoint(path), tmp):
+        torch.save({"config": cfg.to_dict(), **state}, tmp)
+        os.replace(tmp, path)  # a crash mid-write never leaves a torn checkpoint
+
+
+def intact_checkpoint(path: Path) -> str:
+    """What survives a failed write of `path`: the checkpoint there now (its epoch), if any."""
+    if not Path(path).is_file():
+        return "no earlier checkpoint was written: free space and rerun the same command"
+    try:
+        epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"] + 1
+    except Exception:  # unreadable: say so rather than promise it
+        return f"the earlier file {path} could not be read back: free space and rerun the same command"
+    return (f"the checkpoint of epoch {epoch} ({path}) is intact: free space and rerun the same command "
+            f"(risda.train: with --resume)")
 
 
 def read_checkpoint(path: Path, mmap: bool = False) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import re
 from pathlib import Path
 
 # The faults of the storage itself (not of the program): full, broken, read-only or forbidden.
@@ -32,23 +33,30 @@ class DownloadFailed(RunFailure):
 
 def storage_fault(exc: BaseException) -> str | None:
     """The fault's name if `exc` is a write failing for lack of space, an I/O error or a permission, else None."""
-    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
-        return f"{STORAGE_ERRNOS[exc.errno]} ({errno.errorcode[exc.errno]})"
+    code = exc.errno if isinstance(exc, OSError) else None
+    if isinstance(exc, OSError) and code is None:  # pyarrow's OSError carries the errno in its message only
+        found = re.search(r"\[Errno (\d+)\]|errno (\d+)", str(exc))
+        code = int(found.group(1) or found.group(2)) if found else None
+    if code in STORAGE_ERRNOS:
+        return f"{STORAGE_ERRNOS[code]} ({errno.errorcode[code]})"
     if isinstance(exc, RuntimeError) and TORCH_WRITE_FAILURE in str(exc):
         return "the write stopped short (torch: unexpected file position; most likely no space left on the device)"
     return None
 
 
 @contextlib.contextmanager
-def writing(path, intact: str, tmp=None):
-    """Writes to `path` (through the temporary file `tmp`, if any) inside this block: a storage
-    fault becomes StorageFault naming the path, the fault and `intact` (what is still whole and
-    what to do), and `tmp` is removed. Other errors pass through unchanged (tmp removed too)."""
+def writing(path, intact: str, tmp=None, remove_tmp=None):
+    """Writes to `path` (through the temporary local file `tmp`, if any) inside this block: a
+    storage fault becomes StorageFault naming the path, the fault and `intact` (what is still
+    whole and what to do), and `tmp` is removed (by `remove_tmp()` for a temporary file that is
+    not local). Other errors pass through unchanged (tmp removed too)."""
     try:
         yield
     except BaseException as e:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
+        with contextlib.suppress(Exception):
+            if remove_tmp is not None:
+                remove_tmp()
+            elif tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
         fault = storage_fault(e)
         if fault is None:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pyarrow.fs
 
+from .failures import writing
+
 
 def filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
     if "://" not in uri:
@@ -39,9 +41,10 @@ def write_text(uri: str, text: str) -> None:
     fs, path = filesystem(uri)
     fs.create_dir(_parent(path), recursive=True)
     tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-    with fs.open_output_stream(tmp) as f:
-        f.write(text.encode())
-    fs.move(tmp, path)
+    with _writing(fs, uri, tmp):
+        with fs.open_output_stream(tmp) as f:
+            f.write(text.encode())
+        fs.move(tmp, path)
 
 
 def upload(local: Path, uri: str) -> None:
@@ -49,9 +52,19 @@ def upload(local: Path, uri: str) -> None:
     fs, path = filesystem(uri)
     fs.create_dir(_parent(path), recursive=True)
     tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-    pyarrow.fs.copy_files(str(Path(local).resolve()), tmp, source_filesystem=pyarrow.fs.LocalFileSystem(),
-                          destination_filesystem=fs)
-    fs.move(tmp, path)
+    with _writing(fs, uri, tmp):
+        pyarrow.fs.copy_files(str(Path(local).resolve()), tmp, source_filesystem=pyarrow.fs.LocalFileSystem(),
+                              destination_filesystem=fs)
+        fs.move(tmp, path)
+
+
+def _writing(fs, uri: str, tmp: str):
+    """A write to `uri` through `tmp` (risda.failures.writing): on a failure tmp is deleted; a
+    storage fault is StorageFault, and the file at `uri` is as it was (the move is the last step)."""
+    def remove():
+        if fs.get_file_info(tmp).type != pyarrow.fs.FileType.NotFound:
+            fs.delete_file(tmp)
+    return writing(uri, "what was there before is intact: free space and rerun the same command", remove_tmp=remove)
 
 
 def download(uri: str, local: Path) -> Path:

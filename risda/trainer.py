@@ -19,7 +19,7 @@ from .checkpoint import load_checkpoint, load_stage1_checkpoint, save_checkpoint
 from .config import Config
 from .data import LongTailData, load_long_tail
 from .evaluate import evaluate, selected_errors, shot_groups
-from .failures import RunFailure, divergence_hint
+from .failures import RunFailure, divergence_hint, writing
 from .method import RISDAObjective, SharedStage1
 from .models import build_model
 from .objectives import DeferredReweighting, Objective
@@ -265,9 +265,15 @@ def device_name(device: torch.device) -> str:
 def write_outputs(out: Path, summary: dict, history: list[dict]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
+    intact = (f"the checkpoint of the last epoch ({out / 'checkpoint.pt'}) is intact: free space and rerun the same "
+              f"command with --resume, which writes the summary without training again")
     tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out / "summary.json")
+    with writing(out / "summary.json", intact, tmp):  # a full disk: one line, no .tmp left (risda.failures)
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(out / "summary.json")
     rows = [r for r in history if "test_error" in r]
     columns = list(dict.fromkeys(k for r in rows for k in r))  # every field of any row, in first-seen order
-    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in rows]), out / "epochs.parquet")
+    tmp = out / "epochs.tmp.parquet"
+    with writing(out / "epochs.parquet", intact, tmp):
+        pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in rows]), tmp)
+        tmp.replace(out / "epochs.parquet")

@@ -12,6 +12,7 @@ import pandas as pd
 from ray import tune
 
 from ..evaluate import error_names
+from ..failures import writing
 from .trainables import STAGE1_CACHE_KEY
 
 # Tune's own per-report bookkeeping, dropped from our epoch tables.
@@ -128,12 +129,18 @@ def collate(grid, metric: str = "val_error", params=()):
     return trials, epochs
 
 
+# What a failed write of a result table leaves: the experiment itself, from which the tables are made.
+RESULTS_INTACT = ("the experiment in --storage (every finished trial) is intact: free space and rerun the same command, "
+                  "which collates it again without training")
+
+
 def write_parquet(df, path: Path) -> Path:
     """Atomic write (temp file + rename) so a reader never sees half a table."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.parquet")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with writing(path, RESULTS_INTACT, tmp):  # a full disk: one line, no .tmp left (risda.failures)
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
     return path
 
 

@@ -46,13 +46,14 @@ from ..checkpoint import RESUMABLE_CHANGES
 from ..config import Config, ConfigError, add_config_args, check_field, config_overrides, parse_field
 from ..data import NUM_CLASSES
 from ..evaluate import error_names
+from ..failures import writing
 from ..presets import TABLE2
 from ..progress import set_log_every
 from ..stage1 import BOOKKEEPING_FIELDS, STAGE2_FIELDS, shares_stage1
 from ..storage import read_text, write_text
 from .cluster import (add_runner_args, check_writable, cluster_summary, experiment_uri, init_ray, remove_trial_scratch,
                       restore_or_new_tuner, storage_uri, trial_resources)
-from .collate import Outcome, best_trial, collate, write_parquet
+from .collate import RESULTS_INTACT, Outcome, best_trial, collate, write_parquet
 from .datacheck import check_data, checkable
 from .exits import failure_exit
 from .lock import hold_experiment
@@ -387,8 +388,9 @@ def write_results(grid, out: Path, params: list[str], info: dict, stage1=None) -
         "trials_completed": int(len(ok)), "trials_requested": info["num_samples"],
         "trials_failed": int((trials["status"] == "ERROR").sum()), **info}
     tmp = out / "best.json.tmp"
-    tmp.write_text(json.dumps(best_json, indent=2))
-    tmp.replace(best_path)
+    with writing(best_path, RESULTS_INTACT, tmp):  # a full disk: one line, no .tmp left (risda.failures)
+        tmp.write_text(json.dumps(best_json, indent=2))
+        tmp.replace(best_path)
     return trials, best
 
 

@@ -126,7 +126,7 @@ def part_a(C, D, N, device):
 def part_b(device, reps):
     from risda.config import Config
     from risda.data import long_tail_counts
-    from risda.method import RISDAObjective
+    from risda.trainer import make_objective
     from risda.models import resnet32
 
     dev = torch.device(device)
@@ -134,7 +134,7 @@ def part_b(device, reps):
     cfg = Config(dataset="cifar100lt", epochs=200, arm="risda", alpha=0.5, beta=0.75).resolved()
     torch.manual_seed(0)
     model = resnet32(100).to(dev)
-    objective = RISDAObjective(cfg, counts, model.feature_dim, dev)
+    objective = make_objective(cfg, counts, model.feature_dim, dev)
     train_labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)]).to(dev)
 
     def extract():  # random features and predictions: a dense knowledge graph, the costly case

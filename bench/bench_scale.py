@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from risda.config import Config
-from risda.method import RISDAObjective
+from risda.trainer import make_objective
 from risda.stats import ClassStatistics
 from bench_method import peak_rss_bytes, rss_bytes  # the script's folder is on sys.path
 
@@ -134,7 +134,7 @@ def worker(scale, form, topk, reps, device, seed=0):
     objective = None
     if form != "ce":
         setup_cfg = dataclasses.replace(cfg, covariance="diag") if shared else cfg
-        objective = RISDAObjective(setup_cfg, counts, D, dev)
+        objective = make_objective(setup_cfg, counts, D, dev)
         objective.prepare(*(t.to(dev) for t in synthetic_pass(C, D, SAMPLES_PER_CLASS[scale], g)))
         if shared:
             objective.stats = SharedFullStatistics(C, D, dev)

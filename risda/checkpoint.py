@@ -60,7 +60,9 @@ def check_checkpoint(path: Path, cfg: Config) -> dict:
 
 def load_checkpoint(path: Path, cfg: Config, mmap: bool = False) -> dict:
     state = read_checkpoint(path, mmap)
-    saved, now = state["config"], cfg.to_dict()
+    saved, now = state["config"], cfg.resolved().to_dict()
+    # a field newer than the checkpoint ran at its default; compare both sides resolved, as written
+    saved = Config.from_dict({k: v for k, v in saved.items() if k in now}).resolved().to_dict()
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:
         diffs = ", ".join(f"{_flag(k)}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)

@@ -13,17 +13,16 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 
+from .arms import ARMS
+from .errors import ConfigError
+from .graph import DEFAULT_TEMPERATURE, GRAPH_SOURCES
 from .presets import PRESETS, apply_preset
 
 DATASETS = ("cifar10lt", "cifar100lt", "imagefolder", "imagenetlt", "inat2018")
-ARMS = ("risda", "no_reweight", "no_reasoning", "cov_only", "isda", "ce", "ce_drw")
 VARIANTS = ("paper", "reference")
 PRECISIONS = ("auto", "fp32", "bf16")
+COMPILES = ("auto", "on", "off")
 MODELS = ("resnet32", "resnet50")
-
-
-class ConfigError(ValueError):
-    """Bad input, caught before any expensive work starts. The message names the fix."""
 
 
 @dataclass
@@ -57,6 +56,7 @@ class Config:
     seed: int = field(default=0, metadata={"help": "seed of model init, batch order and augmentation"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast where it is measured faster than fp32: CUDA with native bf16, CPUs with AVX512-BF16 or AMX; see risda.precision), fp32, or bf16"})
     channels_last: bool = False
+    compile: str = field(default="auto", metadata={"help": "torch.compile the backbone's training forward: auto (where it is measured to pay: CUDA, CPU fp32, runs of 1000+ steps; see risda.compile), on, or off"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
     pad_mode: str | None = field(default=None, metadata={"help": "crop padding: zeros (default) or reflect (reference variant)"})
     # --- method -----------------------------------------------------------------------
@@ -69,6 +69,12 @@ class Config:
     cb_gamma: float = field(default=0.9999, metadata={"help": "γ of the class-balanced weights (eq. 12)"})
     covariance: str = field(default="full", metadata={"help": "full, diag or lowrank:K"})
     graph_topk: int | None = field(default=None, metadata={"help": "keep the k strongest neighbours per class in the knowledge graph (default: dense)"})
+    graph_source: str = field(default="confusion", metadata={"help": f"where the knowledge graph ε comes from: {', '.join(GRAPH_SOURCES)} (confusion is the paper's eq. 3; the others are ours, risda.graph)"})
+    graph_temperature: float | None = field(default=None, metadata={"help": "temperature of the soft and prototype graph sources (default: 1 for soft, 0.1 for prototype; soft at -> 0 is confusion)"})
+    # --- the field's baselines (risda.arms; published values as defaults) ----------------
+    la_tau: float = field(default=1.0, metadata={"help": "τ of logit adjustment (la_loss, ce_posthoc_la; Menon et al. 2021: 1)"})
+    ldam_max_margin: float = field(default=0.5, metadata={"help": "LDAM's largest margin (Cao et al. 2019: 0.5)"})
+    ldam_scale: float = field(default=30.0, metadata={"help": "LDAM's logit scale s (Cao et al. 2019: 30)"})
     # --- bookkeeping ------------------------------------------------------------------
     eval_every: int = 10
     checkpoint_every: int = 10
@@ -95,6 +101,10 @@ class Config:
             c.image_size = 224 if c.model == "resnet50" else 32
         if c.head_min_count is None and c.dataset in ("imagenetlt", "inat2018"):
             c.head_min_count = 100  # paper: classes with more than 100 images are head
+        if c.graph_temperature is None:
+            c.graph_temperature = DEFAULT_TEMPERATURE.get(c.graph_source, 1.0)
+        for name, value in ARMS[c.arm].fixed.items() if c.arm in ARMS else ():
+            setattr(c, name, value)
         c.lr_milestones = tuple(int(m) for m in c.lr_milestones)
         return c
 
@@ -118,10 +128,21 @@ class Config:
             bad(f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}")
         if self.arm not in ARMS:
             bad(f"unknown arm {self.arm!r}: choose one of {', '.join(ARMS)}")
+        for name, value in ARMS[self.arm].fixed.items():
+            if getattr(self, name) != value:
+                bad(f"--arm {self.arm} is {ARMS[self.arm].fixed_as} at {_flag(name)} {value:g}: drop {_flag(name)}, "
+                    f"or use --arm {ARMS[self.arm].fixed_as} {_flag(name)} {getattr(self, name):g}")
+        if self.graph_source not in GRAPH_SOURCES:
+            bad(f"unknown graph source {self.graph_source!r}: choose one of {', '.join(GRAPH_SOURCES)}")
+        if self.variant == "reference" and self.graph_source != "confusion":
+            bad(f"--graph-source {self.graph_source} with --variant reference: the reference variant is the authors' "
+                "code, whose graph is the rounded confusion of its eval passes; use --variant paper for another source")
         if self.variant not in VARIANTS:
             bad(f"unknown variant {self.variant!r}: choose paper or reference")
         if self.precision not in PRECISIONS:
             bad(f"unknown precision {self.precision!r}: choose auto, fp32 or bf16")
+        if self.compile not in COMPILES:
+            bad(f"unknown compile {self.compile!r}: choose auto, on or off")
         if self.model not in MODELS:
             bad(f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}")
         if self.pad_mode not in (None, "zeros", "reflect"):
@@ -181,6 +202,10 @@ _RANGES = (
     ("head_min_count", True, lambda v: v >= 0, ">= 0 (or omit it and use --head-count)"),
     ("cb_gamma", False, lambda v: 0 <= v < 1, "in [0, 1) (paper: 0.9999)"),
     ("graph_topk", True, lambda v: v >= 1, ">= 1 (omit it for the dense graph)"),
+    ("graph_temperature", False, lambda v: v > 0, "> 0 (soft: 1 is the plain softmax; prototype: try 0.1)"),
+    ("la_tau", False, lambda v: v >= 0, ">= 0 (0: no adjustment; Menon et al.: 1)"),
+    ("ldam_max_margin", False, lambda v: v > 0, "> 0 (Cao et al.: 0.5)"),
+    ("ldam_scale", False, lambda v: v > 0, "> 0 (Cao et al.: 30)"),
     ("eval_every", True, lambda v: v >= 1, ">= 1"),
     ("checkpoint_every", True, lambda v: v >= 1, ">= 1"),
 )

@@ -46,16 +46,29 @@ def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_clas
 
 
 @torch.no_grad()
-def evaluate(model, split, groups: dict, autocast, prefix: str = "", batch_size: int = 500) -> dict:
-    """Errors in percent: `error` over all images, `<group>_error` = 100 - mean per-class accuracy."""
+def split_logits(model, split, autocast, batch_size: int = 500) -> torch.Tensor:
+    """(N, C) fp32 logits of a split in eval mode, the model left as it was."""
     was_training = model.training
     model.eval()
-    predictions = []
+    logits = []
     with autocast():
         for x, _ in split.batches(batch_size, train=False):
-            predictions.append(model(x)[1].argmax(1))
+            logits.append(model(x)[1].float())
     model.train(was_training)
-    predictions, labels = torch.cat(predictions).cpu(), split.labels.cpu()
+    return torch.cat(logits)
+
+
+def evaluate(model, split, groups: dict, autocast, prefix: str = "", batch_size: int = 500,
+             adjustment: torch.Tensor | None = None) -> dict:
+    """Errors in percent: `error` over all images, `<group>_error` = 100 - mean per-class accuracy;
+    `adjustment` (C,) is added to the logits first (post-hoc logit adjustment)."""
+    logits = split_logits(model, split, autocast, batch_size)
+    return logit_errors(logits if adjustment is None else logits + adjustment, split.labels, groups, prefix)
+
+
+def logit_errors(logits: torch.Tensor, labels: torch.Tensor, groups: dict, prefix: str = "") -> dict:
+    """`evaluate`'s errors from logits already computed."""
+    predictions, labels = logits.argmax(1).cpu(), labels.cpu()
     num_classes = sum(len(g) for g in groups.values())
     accuracy = per_class_accuracy(predictions, labels, num_classes)
     overall, *per_group = error_names(prefix)

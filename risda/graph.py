@@ -1,5 +1,10 @@
 """The knowledge graph ε (eq. 3) and what reasoning borrows through it (eq. 4-5).
 
+Where ε comes from is `--graph-source` (GRAPH_SOURCES): `confusion` is the paper's eq. 3; `soft`
+and `prototype` are ours, not the paper's (their docstrings say how each sets its diagonal, i.e.
+how much a class lends of its row, since eq. 4-5 read only the off-diagonal part). Every source
+gives rows that sum to 1 (0 for a class with no image), and the top-k and low-rank paths take it.
+
 ε[c, j] is the fraction of class-c training images the stage-I classifier predicts as j.
 Reasoning uses its off-diagonal entries: a class borrows from the classes it is confused
 with, never from itself. The last two functions are the authors' released-code behaviour
@@ -17,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .stats import LowRank
 
@@ -69,6 +75,41 @@ def knowledge_graph(predictions: torch.Tensor, labels: torch.Tensor, num_classes
     confusion = torch.zeros(num_classes, num_classes, device=labels.device)
     confusion.index_put_((labels, predictions), torch.ones_like(labels, dtype=confusion.dtype), accumulate=True)
     return confusion / confusion.sum(1, keepdim=True).clamp(min=1)
+
+
+def soft_knowledge_graph(logits: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                         temperature: float = 1.0) -> torch.Tensor:
+    """Ours, not the paper's: eq. 3 with the stage-I classifier's softmax at `temperature` in place
+    of its argmax, i.e. row c is the mean predicted distribution over class c's training images.
+    Its diagonal is the mean probability a class gives itself, so its off-diagonal mass is
+    1 − that: non-zero even on a memorised training set, where eq. 3's is 0. As temperature → 0
+    it is `knowledge_graph` (the softmax becomes the argmax)."""
+    p = torch.softmax(logits.float() / temperature, dim=1)
+    rows = torch.zeros(num_classes, num_classes, device=logits.device).index_add_(0, labels, p)
+    return rows / torch.bincount(labels, minlength=num_classes).clamp(min=1)[:, None]
+
+
+def prototype_knowledge_graph(prototypes: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Ours, not the paper's: row c is a softmax over the other classes of the cosine similarity
+    of their prototypes μ_i (eq. 1) to μ_c, at `temperature`. Its diagonal is 0: a class lends its
+    whole row, off-diagonal mass 1 (the most any source lends), to the classes whose mean feature
+    points its way. It reads the features, not the classifier's decisions, so a memorised training
+    set does not empty it. A class with no image gets a zero row."""
+    mu = F.normalize(prototypes.float(), dim=1)
+    sim = (mu @ mu.T) / temperature
+    sim.fill_diagonal_(float("-inf"))
+    rows = torch.softmax(sim, dim=1).nan_to_num(0.0)  # C = 1: an all -inf row
+    present = prototypes.abs().sum(1) > 0
+    return rows * present[:, None] * present[None, :] / (rows * present[None, :]).sum(1, keepdim=True).clamp(min=1e-30)
+
+
+# --graph-source: name -> ε (C,C) from the switch's pass (logits, labels) and the prototypes.
+GRAPH_SOURCES = {
+    "confusion": lambda logits, labels, prototypes, C, t: knowledge_graph(logits.argmax(1), labels, C),
+    "soft": lambda logits, labels, prototypes, C, t: soft_knowledge_graph(logits, labels, C, t),
+    "prototype": lambda logits, labels, prototypes, C, t: prototype_knowledge_graph(prototypes, t),
+}
+DEFAULT_TEMPERATURE = {"soft": 1.0, "prototype": 0.1}
 
 
 def topk_knowledge_graph(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int, k: int) -> TopKGraph:

@@ -23,29 +23,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError
-from .graph import (TopKGraph, compound_tail_covariance, displacement_prototype, keep_top_k, knowledge_graph,
-                    reasoning_covariance, reasoning_prototype, scale_columns, topk_knowledge_graph)
+from .errors import ConfigError
+from .diagnostics import covariance_traces, mean_feature_norms, reasoning_size
+from .graph import (GRAPH_SOURCES, TopKGraph, compound_tail_covariance, displacement_prototype, keep_top_k,
+                    knowledge_graph, reasoning_covariance, reasoning_prototype, scale_columns, topk_knowledge_graph)
 from .loss import augmented_logits, class_balanced_weights
 from .objectives import Objective
 from .stats import ClassStatistics, add_covariance, class_means, parse_covariance, place_rows, scale_covariance
 
 
 @dataclass(frozen=True)
-class Arm:
+class Parts:
+    """Which of RISDA's parts an arm keeps (each arm's are declared in risda.arms)."""
     reweight: bool     # class-balanced ρ (eq. 12)
     reason_cov: bool   # Σʳ for tail classes (eq. 4)
     reason_mean: bool  # μʳ for tail classes (eq. 5)
     from_start: bool   # ISDA: no stage I; statistics and augmentation from epoch 0
-
-
-ARMS = {  #             reweight reason_cov reason_mean from_start
-    "risda":        Arm(True,    True,      True,       False),
-    "no_reweight":  Arm(False,   True,      True,       False),
-    "no_reasoning": Arm(True,    False,     False,      False),
-    "cov_only":     Arm(True,    True,      False,      False),
-    "isda":         Arm(False,   False,     False,      True),
-}
 
 
 def head_classes(counts, head_count: int | None, head_min_count: int | None = None, by_index: bool = False) -> torch.Tensor:
@@ -64,13 +57,12 @@ def head_classes(counts, head_count: int | None, head_min_count: int | None = No
 
 
 class RISDAObjective(Objective):
-    """The RISDA arms (ARMS); cfg is the run's resolved Config, as for every Objective."""
+    """The RISDA arms, each a set of `Parts` (risda.arms); cfg is the run's resolved Config, as for
+    every Objective."""
 
-    def __init__(self, cfg, class_counts, feature_dim, device):
+    def __init__(self, cfg, class_counts, feature_dim, device, *, parts: Parts):
         super().__init__(cfg, class_counts, feature_dim, device)
-        if cfg.arm not in ARMS:
-            raise ConfigError(f"RISDAObjective has no arm {cfg.arm!r}: choose one of {', '.join(ARMS)}")
-        self.arm = ARMS[cfg.arm]
+        self.arm = parts
         self.reference = cfg.variant == "reference" and not self.arm.from_start  # ISDA is ISDA in both variants
         form = parse_covariance(cfg.covariance)[0]
         self.low_rank = form == "lowrank"
@@ -95,6 +87,8 @@ class RISDAObjective(Objective):
         self.mean_shift = None   # μʳ (C,D): eq. 5 for tail classes, 0 for head; δ for all (reference)
         # reference behaviour 5: ε and prototypes from eval-mode passes after the stage-I epochs
         self.observations = ReferenceObservations(self.num_classes, cfg.stage1_epochs) if self.reference else None
+        # what the graph lends, at the switch ("first") and after the last epoch ("last"): risda.diagnostics
+        self.diagnostics = {}
 
     # --- the trainer's hooks ------------------------------------------------------------
     def begin_epoch(self, epoch, model, extract):
@@ -124,6 +118,21 @@ class RISDAObjective(Objective):
     def end_epoch(self, epoch, model, extract):
         if self.reference and not self.stage2(epoch):
             self.observations.after_epoch(epoch, extract)
+        if epoch == self.cfg.epochs - 1 and self.ready and not self.arm.from_start:
+            features, _, labels = extract(batch_stats=True)
+            self._measure("last", epoch, features.to(self.device), labels.to(self.device))
+
+    # --- diagnostics (ours: risda.diagnostics) -----------------------------------------------
+    def _measure(self, when, epoch, features, labels):
+        """The size of the reasoned terms with the statistics and α of `epoch` (eq. 4-5)."""
+        mean_shift = self.mean_shift if self.arm.reason_mean else None
+        alpha = self.cfg.alpha * epoch / self.cfg.epochs * (2 if self.reference else 1)  # reference: 2α (behaviour 1)
+        traces = covariance_traces(self.stats.covariance(self.unbiased)) if self.arm.reason_cov else None
+        norms = mean_feature_norms(features, labels, self.num_classes)
+        size = reasoning_size(self.graph, traces if traces is not None else torch.zeros(self.num_classes),
+                              mean_shift, alpha, norms, self.tail)
+        self.diagnostics[f"reason_cov_ratio_{when}"] = size["cov_ratio"] if self.arm.reason_cov else None
+        self.diagnostics[f"reason_mean_ratio_{when}"] = size["mean_ratio"]
 
     # --- paper ----------------------------------------------------------------------------
     def _prepare(self, extract):
@@ -133,23 +142,37 @@ class RISDAObjective(Objective):
         # seeded Σ and μ so large that ½βΔwᵀΣΔw blew W up; with the paper's 160 epochs the two agree.
         features, logits, labels = extract(batch_stats=True)
         predictions = logits.argmax(1)
-        del logits  # (N, C): the largest thing here at iNaturalist scale
-        self.prepare(*(t.to(self.device) for t in (features, predictions, labels)))
+        logits = logits.to(self.device) if self.cfg.graph_source == "soft" else None  # (N, C): large at iNaturalist scale
+        self.prepare(*(t.to(self.device) for t in (features, predictions, labels)), logits=logits)
 
-    def prepare(self, features, predictions, labels):
-        """The stage-II state from one pass over the training set: prototypes (eq. 1), ε (eq. 3)
-        from the stage-I classifier's predictions, the starting statistics."""
+    def prepare(self, features, predictions, labels, logits=None):
+        """The stage-II state from one pass over the training set: prototypes (eq. 1), ε (eq. 3,
+        or the --graph-source's) from the stage-I classifier's outputs, the starting statistics;
+        and the diagnostics of the switch."""
         self.prototypes = class_means(features, labels, self.num_classes)
-        if self.cfg.graph_topk is not None:  # never C×C: what makes C = 8,142 cheap
-            self.graph = topk_knowledge_graph(predictions, labels, self.num_classes, self.cfg.graph_topk)
-        else:
-            self.graph = knowledge_graph(predictions, labels, self.num_classes)
-            if self.low_rank:  # the neighbours' factors are gathered per class: a lossless list form
-                self.graph = TopKGraph.from_dense(self.graph)
-                self._warn_if_wide(self.graph.k)
+        self.graph = self._graph(predictions, labels, logits)
         self.stats.initialise(features, labels)
         self.mean_shift = reasoning_prototype(self.graph, self.prototypes) * self.tail[:, None]
         self.ready = True
+        self.diagnostics["graph_train_error"] = 100 * (predictions != labels).double().mean().item()
+        self._measure("first", self.cfg.stage1_epochs, features, labels)
+
+    def _graph(self, predictions, labels, logits):
+        C, k, source = self.num_classes, self.cfg.graph_topk, self.cfg.graph_source
+        if source == "confusion" and k is not None:  # never C×C: what makes C = 8,142 cheap
+            return topk_knowledge_graph(predictions, labels, C, k)
+        if source == "confusion":
+            graph = knowledge_graph(predictions, labels, C)
+        elif source == "soft" and logits is None:
+            raise ValueError("--graph-source soft needs the stage-I logits: pass logits to prepare()")
+        else:
+            graph = GRAPH_SOURCES[source](logits, labels, self.prototypes, C, self.cfg.graph_temperature)
+        if k is not None:
+            return TopKGraph.from_dense(graph, k)
+        if self.low_rank:  # the neighbours' factors are gathered per class: a lossless list form
+            graph = TopKGraph.from_dense(graph)
+            self._warn_if_wide(graph.k)
+        return graph
 
     def _warn_if_wide(self, neighbours):
         rank, width = self.stats.rank, (neighbours + 1) * self.stats.rank
@@ -186,6 +209,9 @@ class RISDAObjective(Objective):
         self.graph = self._sparsify(obs.graph.to(self.device))
         self.mean_shift = displacement_prototype(self.graph, self.prototypes)  # behaviour 2
         self.stats.reset()  # their estimator starts empty at stage II
+        self.diagnostics["graph_train_error"] = 100 * (1 - obs.best_accuracy)
+        features, _, labels = extract(batch_stats=True)  # feature norms only: changes nothing
+        self._measure("first", self.cfg.stage1_epochs, features.to(self.device), labels.to(self.device))
 
     def _reference_logits(self, features, logits, labels, weight, alpha, beta):
         mu_r = self.mean_shift if self.arm.reason_mean else None
@@ -207,7 +233,7 @@ class RISDAObjective(Objective):
     def state_dict(self):
         graph = self.graph.state_dict() if isinstance(self.graph, TopKGraph) else self.graph
         return {"ready": self.ready, "stats": self.stats.state_dict(), "graph": graph,
-                "prototypes": self.prototypes, "mean_shift": self.mean_shift,
+                "prototypes": self.prototypes, "mean_shift": self.mean_shift, "diagnostics": dict(self.diagnostics),
                 **({"reference": self.observations.state_dict()} if self.reference else {})}
 
     def load_stage1(self, state):
@@ -231,6 +257,7 @@ class RISDAObjective(Objective):
         graph = state["graph"]
         self.graph = TopKGraph(**{k: v.to(self.device) for k, v in graph.items()}) if isinstance(graph, dict) else to(graph)
         self.prototypes, self.mean_shift = to(state["prototypes"]), to(state["mean_shift"])
+        self.diagnostics = dict(state.get("diagnostics", {}))
         if self.reference:
             self.observations.load_state_dict(state["reference"])
 

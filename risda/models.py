@@ -6,6 +6,7 @@ a 64-d feature and a linear classifier with bias.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -77,9 +78,26 @@ class ResNet50(nn.Module):
         return features, self.classifier(features)
 
 
-def build_model(name: str, num_classes: int) -> nn.Module:
+class NormedLinear(nn.Module):
+    """The cosine classifier of LDAM-DRW's released code (`NormedLinear`): z_j = cos(f, w_j), no
+    bias, initialised as theirs (uniform, rows renormalised). `weight` is (C, D) as nn.Linear's."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-1, 1).renorm_(2, 0, 1e-5).mul_(1e5))
+
+    def forward(self, x):
+        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).T
+
+
+def build_model(name: str, num_classes: int, normed_classifier: bool = False) -> nn.Module:
+    """The backbone; normed_classifier swaps its linear classifier for NormedLinear (LDAM)."""
     if name == "resnet32":
-        return resnet32(num_classes)
-    if name == "resnet50":
-        return ResNet50(num_classes)
-    raise ValueError(f"unknown model {name!r}: choose resnet32 or resnet50")
+        model = resnet32(num_classes)
+    elif name == "resnet50":
+        model = ResNet50(num_classes)
+    else:
+        raise ValueError(f"unknown model {name!r}: choose resnet32 or resnet50")
+    if normed_classifier:
+        model.classifier = NormedLinear(model.feature_dim, num_classes)
+    return model

@@ -22,21 +22,27 @@ import json
 from pathlib import Path
 
 from . import storage
+from .arms import ARM_FIELDS, ARMS
 from .config import Config
 
 STAGE1_FORMAT = 1  # bump when stage I's computation changes, so old entries are not reused
 # Fields that act only in stage II (for the arms whose stage I is plain CE).
+# The fields of one arm only (risda.arms: la_tau, LDAM's margin and scale) are stage-I fields
+# of that arm's own stage I and count nowhere else.
 STAGE2_FIELDS = frozenset({"arm", "variant", "alpha", "beta", "head_count", "head_min_count", "cb_gamma",
-                           "covariance", "graph_topk"})
-# Where and how a run is kept and shown, not what it computes.
+                           "covariance", "graph_topk", "graph_source", "graph_temperature"}) | ARM_FIELDS
+# Where and how a run is kept and shown, not what it computes. `compile` is here with the thread
+# count (which is no field): both change fp32 rounding, not the computation (risda.compile states
+# the tolerance), so a compiled and an eager stage I are the same stage I.
 BOOKKEEPING_FIELDS = frozenset({"preset", "out", "resume", "progress", "eval_every", "checkpoint_every", "device",
-                                "num_workers", "cache_dir", "download"})
+                                "num_workers", "cache_dir", "download", "compile"})
 CHECKPOINT, INFO = "checkpoint.pt", "stage1.json"
 
 
 def shares_stage1(cfg: Config) -> bool:
-    """isda trains its augmentation from epoch 0; a run without stage I has nothing to share."""
-    return cfg.arm != "isda" and cfg.resolved().stage1_epochs > 0
+    """An arm whose stage I is plain CE or its own objective (risda.arms); isda trains its
+    augmentation from epoch 0, and a run without stage I has nothing to share."""
+    return ARMS[cfg.arm].stage1 is not None and cfg.resolved().stage1_epochs > 0
 
 
 def stage1_fields(cfg: Config) -> dict:
@@ -46,9 +52,12 @@ def stage1_fields(cfg: Config) -> dict:
     (whose default keeps today's behaviour) keeps every existing key and cache entry valid. The
     map is still one-to-one: two configs that differ in a stage-I field differ in this dict."""
     c = cfg.resolved()  # variant-dependent defaults (subset seed, padding, warm-up) resolved first
-    defaults = Config().to_dict()
-    return {k: v for k, v in c.to_dict().items()
-            if k not in STAGE2_FIELDS | BOOKKEEPING_FIELDS and v != defaults[k]}
+    defaults, values = Config().to_dict(), c.to_dict()
+    fields = {k: v for k, v in values.items() if k not in STAGE2_FIELDS | BOOKKEEPING_FIELDS and v != defaults[k]}
+    arm = ARMS[c.arm]
+    if arm.stage1 == "own":  # LDAM, the LA loss: its own objective from epoch 0, and what that reads
+        fields.update(stage1_objective=arm.stage1_name, **{k: values[k] for k in arm.stage1_fields})
+    return fields
 
 
 def stage1_key(cfg: Config) -> str:
@@ -58,18 +67,22 @@ def stage1_key(cfg: Config) -> str:
 
 def stage1_training_config(cfg: Config) -> Config:
     """The config a shared stage I trains with: cfg resolved, its stage-II fields at their
-    defaults and the arm plain CE, so the cached entry belongs to no one consumer."""
+    defaults and the arm plain CE (or, for an arm with its own stage I, the arm and the fields
+    that stage I reads), so the cached entry belongs to no one consumer."""
     c = cfg.resolved()
     defaults = Config()
+    arm = ARMS[c.arm]
+    keep = {"arm": c.arm, **{k: getattr(c, k) for k in arm.stage1_fields}} if arm.stage1 == "own" else {"arm": "ce"}
     for name in STAGE2_FIELDS:
         setattr(c, name, getattr(defaults, name))
-    c.arm = "ce"
-    return c
+    for name, value in keep.items():
+        setattr(c, name, value)
+    return c.resolved()
 
 
 def needs_observations(cfg: Config) -> bool:
     """A reference-variant run of a RISDA arm reads ε and prototypes from its stage I."""
-    return cfg.variant == "reference" and cfg.arm not in ("ce", "ce_drw", "isda")
+    return cfg.variant == "reference" and ARMS[cfg.arm].has_reference
 
 
 class Stage1Cache:

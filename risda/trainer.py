@@ -5,6 +5,7 @@ the loop below is the same for every arm.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -15,14 +16,17 @@ from typing import Callable
 
 import torch
 
+from .arms import ARMS
 from .checkpoint import load_checkpoint, load_stage1_checkpoint, save_checkpoint
+from .compile import compile_forward, resolve_compile
 from .config import Config
 from .data import LongTailData, load_long_tail
-from .evaluate import evaluate, selected_errors, shot_groups
+from .diagnostics import graph_summary
+from .evaluate import logit_errors, selected_errors, shot_groups, split_logits
 from .failures import RunFailure, divergence_hint, writing
-from .method import RISDAObjective, SharedStage1
+from .method import SharedStage1
 from .models import build_model
-from .objectives import DeferredReweighting, Objective
+from .objectives import POSTHOC_TAUS, Objective
 from .precision import resolve_precision
 from .progress import TrainProgress
 from .stage1 import stage1_key
@@ -97,14 +101,43 @@ def batch_norm_buffers(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def make_objective(cfg: Config, class_counts: list[int], feature_dim: int, device: torch.device,
                    stage1_only: bool = False, observe_reference: bool = False) -> Objective:
-    """The arm's objective; with stage1_only, the shared stage I that serves every arm but isda."""
-    if stage1_only:
+    """The arm's objective (risda.arms); with stage1_only, the stage I it shares: plain CE for the
+    arms whose stage I is CE, the arm's own objective for those that train it from epoch 0."""
+    if stage1_only and ARMS[cfg.arm].stage1 == "ce":
         return SharedStage1(cfg, class_counts, feature_dim, device, observe_reference)
-    if cfg.arm == "ce":
-        return Objective(cfg, class_counts, feature_dim, device)
-    if cfg.arm == "ce_drw":
-        return DeferredReweighting(cfg, class_counts, feature_dim, device)
-    return RISDAObjective(cfg, class_counts, feature_dim, device)
+    return ARMS[cfg.arm].objective(cfg, class_counts, feature_dim, device)
+
+
+def derived_objectives(cfg: Config, class_counts, feature_dim, device) -> dict[str, Objective]:
+    """The arms that train exactly cfg's run and differ only in evaluation (risda.arms
+    derived_from): their errors are recorded beside the run's own, under `<arm>__<error>`."""
+    return {name: arm.objective(dataclasses.replace(cfg, arm=name).resolved(), class_counts, feature_dim, device)
+            for name, arm in ARMS.items() if arm.derived_from == cfg.arm}
+
+
+def evaluate_split(model, split, groups, autocast, prefix: str, objective: Objective, derived: dict) -> dict:
+    """The run's errors on a split (with its objective's evaluation adjustment, if any), and every
+    derived arm's from the same logits: one forward pass for all of them."""
+    logits = split_logits(model, split, autocast)
+    own = objective.eval_adjustment
+    record = logit_errors(logits if own is None else logits + own, split.labels, groups, prefix)
+    for name, d in derived.items():
+        record.update(logit_errors(logits + d.eval_adjustment, split.labels, groups, f"{name}__{prefix}"))
+    return record
+
+
+def tune_adjustment(model, data, groups, autocast, objective: Objective) -> dict:
+    """Post-hoc LA's τ chosen on the validation split alone over POSTHOC_TAUS (ties: the smaller τ),
+    and the test errors at that τ. Menon et al. tune τ; the choice never looks at the test set."""
+    val_logits, test_logits = split_logits(model, data.val, autocast), split_logits(model, data.test, autocast)
+    prior = -objective.eval_adjustment / objective.cfg.la_tau if objective.cfg.la_tau else None
+    if prior is None:
+        return {}
+    val = {tau: logit_errors(val_logits - tau * prior, data.val.labels, groups, "")["error"] for tau in POSTHOC_TAUS}
+    tau = min(POSTHOC_TAUS, key=lambda t: (val[t], t))
+    test = logit_errors(test_logits - tau * prior, data.test.labels, groups, "test_")
+    return dict(tuned_tau=tau, tuned_val_error=val[tau], tuned_val_errors={f"{t:g}": v for t, v in val.items()},
+                **{f"tuned_{k}": v for k, v in test.items()})
 
 
 def check_diverged(loss_sum: torch.Tensor, seen: int, cfg: Config, epoch: int, lr: float, out: Path) -> None:
@@ -141,10 +174,11 @@ def train(cfg: Config, on_epoch: EpochCallback | None = None, resume_from: Path 
     groups = shot_groups(data.class_counts)
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.num_classes).to(device)
+    model = build_model(cfg.model, data.num_classes, ARMS[cfg.arm].normed_classifier).to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     objective = make_objective(cfg, data.class_counts, model.feature_dim, device, stage1_only, observe_reference)
+    derived = {} if stage1_only else derived_objectives(cfg, data.class_counts, model.feature_dim, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
 
@@ -169,6 +203,10 @@ def train(cfg: Config, on_epoch: EpochCallback | None = None, resume_from: Path 
         stage1_info = dict(stage1_key=stage1_key(cfg), stage1_wall_time_s=elapsed, stage1_checkpoint=str(stage1_from))
         elapsed = 0.0
     last_epoch = cfg.stage1_epochs if stage1_only else cfg.epochs
+    steps = math.ceil(len(data.train) / cfg.batch_size) * (last_epoch - start_epoch)
+    compiled, compile_reason = resolve_compile(cfg.compile, device, precision, steps)
+    forward = compile_forward(model, device) if compiled else model  # the same parameters (risda.compile)
+    speed = dict(compile=compiled, compile_reason=compile_reason, torch_threads=torch.get_num_threads())
 
     def extract(augment: bool = False, batch_stats: bool = False):
         generator = observe_generator(cfg, epoch, device) if augment or batch_stats else None
@@ -193,7 +231,7 @@ def train(cfg: Config, on_epoch: EpochCallback | None = None, resume_from: Path 
             for step, (x, y) in enumerate(data.train.batches(cfg.batch_size, train=True, generator=epoch_generator(cfg, epoch, device))):
                 x = x.contiguous(memory_format=memory_format)
                 with autocast():
-                    features, logits = model(x)
+                    features, logits = (forward if len(y) == cfg.batch_size else model)(x)
                     loss = objective.loss(features, logits, y, model, epoch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -210,9 +248,9 @@ def train(cfg: Config, on_epoch: EpochCallback | None = None, resume_from: Path 
                           images_per_s=seen / max(time.time() - epoch_started, 1e-9))
             evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
             if evaluated:
-                record.update(evaluate(model, data.test, groups, autocast, prefix="test_"))
+                record.update(evaluate_split(model, data.test, groups, autocast, "test_", objective, derived))
                 if data.val is not None:
-                    record.update(evaluate(model, data.val, groups, autocast, prefix="val_"))
+                    record.update(evaluate_split(model, data.val, groups, autocast, "val_", objective, derived))
             record["wall_time_s"] = time.time() - started
             history.append(record)
             checkpoint = None
@@ -227,11 +265,47 @@ def train(cfg: Config, on_epoch: EpochCallback | None = None, resume_from: Path 
 
     if stage1_only:
         return dict(stage1_key=stage1_key(cfg), checkpoint=str(out / "checkpoint.pt"), history=history,
-                    wall_time_s=time.time() - started, train_size=len(data.train), precision=precision)
+                    wall_time_s=time.time() - started, train_size=len(data.train), precision=precision, **speed)
     summary = summarize(cfg, data, history, device, time.time() - started, precision)
-    summary.update(stage1_info)
+    summary.update(stage1_info, **speed)
+    tuned = lambda o: tune_adjustment(model, data, groups, autocast, o) if data.val is not None else {}
+    if objective.eval_adjustment is not None:
+        summary.update(tuned(objective))
+    if derived:  # each derived arm's summary, as if it were its own run (it trains nothing)
+        summary["derived"] = {name: {**summarize(dataclasses.replace(cfg, arm=name).resolved(), data,
+                                                 [derived_record(r, name) for r in history], device, 0.0, precision),
+                                     **stage1_info, **tuned(d), "epochs_run": 0, "derived_from": cfg.arm}
+                              for name, d in derived.items()}
+    graph = getattr(objective, "graph", None)
+    if ARMS[cfg.arm].reasons and graph is not None:
+        summary.update(graph_summary(graph, objective.tail, data.class_names, objective.diagnostics.get("graph_train_error")))
+        summary.update({k: v for k, v in objective.diagnostics.items() if k != "graph_train_error"})
+        summary.update(graph_source=cfg.graph_source, graph=write_graph(out, graph, data.class_names))
     write_outputs(out, summary, history)
     return summary
+
+
+def derived_record(record: dict, name: str) -> dict:
+    """An epoch record of the run as the derived arm `name` sees it: its `<name>__` errors in place
+    of the run's own."""
+    mine = {k[len(name) + 2:]: v for k, v in record.items() if k.startswith(f"{name}__")}
+    return {**{k: v for k, v in record.items() if "__" not in k}, **mine}
+
+
+def write_graph(out: Path, graph, class_names: list[str]) -> list | None:
+    """<out>/graph.parquet: ε as a table (one row per class, a column per class, names as given),
+    and <out>/graph.png (risda.graph_plot) beside it. Returns ε as lists for the summary where
+    C <= HEATMAP_MAX_CLASSES (a Ray trial's folder is scratch: the runner redraws it from that)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .diagnostics import dense_graph
+    from .graph_plot import HEATMAP_MAX_CLASSES, plot_graph
+    eps = dense_graph(graph).float().cpu()
+    table = pa.table({"class": class_names, **{name: eps[:, j].tolist() for j, name in enumerate(class_names)}})
+    pq.write_table(table, out / "graph.parquet")
+    plot_graph(eps, class_names, out / "graph.png")
+    return [[round(float(v), 6) for v in row] for row in eps] if len(class_names) <= HEATMAP_MAX_CLASSES else None
 
 
 def summarize(cfg: Config, data: LongTailData, history: list[dict], device, wall_time: float, precision: str) -> dict:

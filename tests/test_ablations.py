@@ -208,7 +208,7 @@ def test_published_rows_name_their_method_and_source():
     # plain CE (ERM) on CIFAR-10-LT is the LDAM-DRW paper's; MetaSAug's rows are no arm of ours
     ce = [r for r in rows.values() if r["arm"] == "ce"]
     assert len(ce) == 1 and ce[0]["errors"] == {100.0: 29.64, 10.0: 13.61} and "LDAM-DRW paper" in ce[0]["source"]
-    assert by_method["LDAM-DRW"]["errors"] == {100.0: 22.97, 10.0: 11.84} and by_method["LDAM-DRW"]["arm"] is None
+    assert by_method["LDAM-DRW"]["errors"] == {100.0: 22.97, 10.0: 11.84} and by_method["LDAM-DRW"]["arm"] == "ldam_drw"  # now an arm of ours
     assert by_method["MetaSAug with CE"]["errors"] == {200.0: 23.11, 100.0: 19.46, 50.0: 15.97, 20.0: 12.36, 10.0: 10.56}
     assert by_method["MetaSAug-LDAM"]["errors"] == {200.0: 22.65, 100.0: 19.34, 50.0: 15.66, 10.0: 10.32}
     assert by_method["MetaSAug with CE"]["arm"] is None and by_method["MetaSAug-LDAM"]["arm"] is None
@@ -238,7 +238,7 @@ def test_published_rows_without_a_source_are_refused():
 
 
 def test_tables_show_each_published_row_with_its_label(tmp_path):
-    plan = plan_for("table5", grid={"arm": ["risda", "ce"], "imbalance": ["100", "10"], "seed": ["0"]},
+    plan = plan_for("table5", grid={"arm": ["risda", "ce", "ldam_drw"], "imbalance": ["100", "10"], "seed": ["0"]},
                     flags={"dataset": "cifar10lt"})
     runs = collate_runs(plan, synthetic(plan))
     summary = summarize_runs(runs, plan)

@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from risda.config import Config, ConfigError
-from risda.method import RISDAObjective, head_classes
+from risda.method import head_classes
+from risda.trainer import make_objective
 
 COUNTS = [12, 8, 5, 3, 2]  # class 4 has 2 images, class 3 three
 C, D, IN = len(COUNTS), 4, 3
@@ -63,7 +64,7 @@ def config(**kw):
 
 
 def objective(**kw):
-    return RISDAObjective(config(**kw), COUNTS, D, torch.device("cpu"))
+    return make_objective(config(**kw), COUNTS, D, torch.device("cpu"))
 
 
 # --- independent numpy versions of the equations ---------------------------------------
@@ -125,7 +126,7 @@ def test_head_count_defaults_to_20_percent_of_the_classes():
     assert head_classes(cifar10, None).tolist() == [True, True] + [False] * 8
     assert int(head_classes(cifar100, None).sum()) == 20 and head_classes(cifar100, None)[:20].all()
     assert int(head_classes([3, 2, 1], None).sum()) == 1                # at least one
-    make = lambda counts, **kw: RISDAObjective(Config(arm="risda", epochs=EPOCHS, stage1_epochs=STAGE1, device="cpu", **kw)
+    make = lambda counts, **kw: make_objective(Config(arm="risda", epochs=EPOCHS, stage1_epochs=STAGE1, device="cpu", **kw)
                                                .resolved(), counts, D, torch.device("cpu"))
     assert int((~make(cifar10).tail).sum()) == 2 and int((~make(cifar100).tail).sum()) == 20
     assert int((~make(cifar10, head_count=5).tail).sum()) == 5          # an explicit count still wins
@@ -135,7 +136,7 @@ def test_head_count_defaults_to_20_percent_of_the_classes():
 
 def test_head_and_tail_wiring():
     counts = [5, 12, 3, 8, 2]
-    make = lambda **kw: RISDAObjective(config(**kw), counts, D, torch.device("cpu"))
+    make = lambda **kw: make_objective(config(**kw), counts, D, torch.device("cpu"))
     assert make().tail.tolist() == [True, False, True, False, True]  # the 2 largest are head
     assert make(variant="reference").tail.tolist() == [False, False, True, True, True]  # the first 2 indices
     assert make(head_min_count=4).tail.tolist() == [False, False, True, False, True]
@@ -297,7 +298,7 @@ def test_lowrank_with_a_scale_preset_from_the_command_line():
     cfg = Config(**config_overrides(args)).validate().resolved()
     assert (cfg.covariance, cfg.arm, cfg.dataset, cfg.head_min_count) == ("lowrank:16", "risda", "inat2018", 100)
     model, (x, labels) = Tiny(), dataset()
-    obj = RISDAObjective(cfg, COUNTS, D, torch.device("cpu"))
+    obj = make_objective(cfg, COUNTS, D, torch.device("cpu"))
     obj.begin_epoch(cfg.stage1_epochs, model, extractor(model, x, labels))
     assert obj.graph.indices.shape == (C, 3) and obj.stats.cov.factor.shape == (C, D, 16)
     f, z = model(x)
@@ -343,7 +344,14 @@ def test_reference_variant():
     mu = np.stack([fl[yl == c].mean(0) for c in range(C)])
     delta = eps @ mu - mu
 
-    obj.begin_epoch(STAGE1, model, lambda **kw: pytest.fail("the reference variant observes, it does not extract"))
+    def diagnostics_pass(augment=False, batch_stats=False):
+        # ε and the prototypes come from the observations; the one pass at the switch only measures
+        # feature norms for the diagnostics, through train-mode batch norm, and changes nothing.
+        assert batch_stats and not augment
+        with torch.no_grad():
+            f, z = model(x)
+        return f.clone(), z.clone(), labels
+    obj.begin_epoch(STAGE1, model, diagnostics_pass)
     tail = list(range(1, C))
     sigma, mean, count = np.zeros((C, D, D)), np.zeros((C, D)), np.zeros(C)
     for step, (xb, yb) in enumerate(batches(x, labels, STAGE1)[:2]):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from risda.config import Config
-from risda.stage1 import BOOKKEEPING_FIELDS, STAGE2_FIELDS, Stage1Cache, shares_stage1, stage1_key
+from risda.stage1 import (BOOKKEEPING_FIELDS, STAGE2_FIELDS, Stage1Cache, shares_stage1, stage1_key,
+                          stage1_training_config)
 from risda.trainer import train
 
 # A value that differs from the default for every Config field.
@@ -20,6 +21,8 @@ CHANGED = dict(
     channels_last=True, device="cpu", pad_mode="reflect", arm="cov_only", variant="reference", alpha=0.9,
     beta=0.3, head_count=4, head_min_count=50, cb_gamma=0.99, covariance="diag", graph_topk=3, eval_every=5,
     checkpoint_every=5, out="runs/other", resume=True, progress=False,
+    graph_source="soft", graph_temperature=0.5, la_tau=0.5, ldam_max_margin=0.3, ldam_scale=10.0,
+    compile="on",
 )
 
 
@@ -58,17 +61,22 @@ def weights(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["paper", "reference"])
-def test_forked_stage2_equals_training_from_scratch(tiny_config, tmp_path, variant):
+@pytest.mark.parametrize("arm,variant,source", [
+    ("risda", "paper", "confusion"), ("risda", "reference", "confusion"),
+    ("risda", "paper", "soft"), ("risda", "paper", "prototype"),   # every graph source forks the same CE stage I
+    ("ldam_drw", "paper", "confusion"), ("la_loss", "paper", "confusion"),  # their own stage I (risda.arms)
+])
+def test_forked_stage2_equals_training_from_scratch(tiny_config, tmp_path, arm, variant, source):
     """fp32, CPU, same seeds: the cached stage I (trained once, as the runner trains it: CE with
-    the reference observations on) forked into stage II gives bit-identical weights and the
-    same summary metrics as one uninterrupted run of the same config."""
+    the reference observations on, or the arm's own objective) forked into stage II gives
+    bit-identical weights and the same summary metrics as one uninterrupted run of the same config."""
     same_data = dict(subset_seed=0, pad_mode="zeros", warmup_epochs=0)
-    run = dict(arm="risda", variant=variant, epochs=4, stage1_epochs=2, head_count=3, alpha=0.5, beta=0.75,
-               lr=0.02, **same_data)
+    run = dict(arm=arm, variant=variant, graph_source=source, epochs=4, stage1_epochs=2, head_count=3, alpha=0.5,
+               beta=0.75, lr=0.02, **same_data)
     scratch = train(tiny_config(**run, out=str(tmp_path / "scratch")))
 
-    shared = tiny_config(**{**run, "arm": "ce", "variant": "paper"}, out=str(tmp_path / "stage1"))
+    shared = dataclasses.replace(stage1_training_config(tiny_config(**run)), out=str(tmp_path / "stage1"))
+    assert shared.arm == ("ce" if arm == "risda" else arm)
     assert stage1_key(shared) == stage1_key(tiny_config(**run))
     done = train(shared, stage1_only=True, observe_reference=True)
     cache = Stage1Cache(str(tmp_path / "cache"))
@@ -83,6 +91,8 @@ def test_forked_stage2_equals_training_from_scratch(tiny_config, tmp_path, varia
     for k in ("test_error", "many_error", "medium_error", "few_error", "best_test_error", "best_test_epoch",
               "epochs_run", "last_epoch"):
         assert forked[k] == scratch[k], k
+    for k in ("graph_offdiag_tail", "graph_empty_tail", "reason_cov_ratio_last", "reason_mean_ratio_last"):
+        assert forked.get(k) == scratch.get(k), k  # the diagnostics too (absent for the baselines)
     assert forked["stage1_key"] == stage1_key(forked_cfg)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 from ray import tune
 
+from ..diagnostics import DIAGNOSTIC_TEXT, DIAGNOSTICS
 from ..evaluate import error_names
 from ..failures import writing
 from .trainables import STAGE1_CACHE_KEY
@@ -106,6 +107,7 @@ def trial_row(result, status: str | None, metric: str = "val_error", params=(), 
                started_at=None if ended is None or wall is None else ended - wall, ended_at=ended,
                node_ip=metrics.get("node_ip"), **{k: last.get(k) for k in TRIAL_FACTS},
                stage1_key=last.get("stage1_key"), stage1_wall_time_s=metrics.get("summary_stage1_wall_time_s"),
+               **{k: metrics.get(f"summary_{k}") for k in (*DIAGNOSTICS, *DIAGNOSTIC_TEXT)},
                path=result.path, config=json.dumps(config, sort_keys=True),
                summary=json.dumps({k[len("summary_"):]: v for k, v in metrics.items() if k.startswith("summary_")}))
     return row

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import ray
 from ray import tune
 
 from ..config import Config
@@ -46,11 +47,24 @@ def plan_stage1(configs: list[Config]) -> dict[str, tuple[Config, bool]]:
     return plan
 
 
+def stage1_resources(resources: dict, jobs: int, node_cpus: float) -> dict:
+    """What each of `jobs` shared stage Is trained at once reserves: a stage-II trial's resources,
+    with a node's CPUs shared out among them (all of them for a stage I alone), never fewer
+    than the trial's own. The stage-II trials that follow are many and keep --cpus-per-trial
+    (default 1: one trial per core is the faster packing, bench/bench_speed.py --packing)."""
+    share = int(node_cpus // max(jobs, 1))
+    return {**resources, "cpu": max(resources["cpu"], share)}
+
+
+def largest_node_cpus() -> float:
+    return max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+
+
 def ensure_stage1(configs: list[Config], cache_root: str, storage_root: str, name: str, resources: dict,
                   max_failures: int = 0, progress: bool = True):
     """Train every distinct stage I that `configs` need and the cache lacks, as one Tune
-    experiment `<name>-stage1` (a grid over the missing keys, one trial each, the same
-    per-trial resources as stage II, so they spread over a cluster). Returns a DataFrame with
+    experiment `<name>-stage1` (a grid over the missing keys, one trial each, spread over a
+    cluster, each with a stage-II trial's resources or its share of a node's CPUs: stage1_resources). Returns a DataFrame with
     one row per key: reused or trained now, its wall time, status and error. Raises
     Stage1Failed if any is still missing afterwards."""
     cache = Stage1Cache(cache_root)
@@ -63,7 +77,7 @@ def ensure_stage1(configs: list[Config], cache_root: str, storage_root: str, nam
         jobs = [{"config": cfg.to_dict(), "observations": obs, STAGE1_CACHE_KEY: cache.root} for cfg, obs in missing.values()]
         delete_dir(experiment_uri(storage_root, f"{name}-stage1"))
         tuner = tune.Tuner(
-            tune.with_resources(train_stage1_trial, resources),
+            tune.with_resources(train_stage1_trial, stage1_resources(resources, len(jobs), largest_node_cpus())),
             param_space={"job": tune.grid_search(jobs)},
             tune_config=tune.TuneConfig(trial_dirname_creator=trial_dirname, reuse_actors=True),
             run_config=tune.RunConfig(name=f"{name}-stage1", storage_path=storage_root, verbose=0,

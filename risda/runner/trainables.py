@@ -32,6 +32,7 @@ from .retry import reporting_divergence
 CHECKPOINT_FILE = "checkpoint.pt"  # the trainer's file; Tune checkpoints hold just this one
 SCRATCH_PREFIX = "risda-trial-"  # a trial's scratch folder: <temp dir>/risda-trial-<trial_id>-<random>
 STAGE1_CACHE_KEY = "stage1_cache"  # in a trial's config: the stage-I cache to fork from (not a Config field)
+JSON_SUMMARY = ("graph_neighbours", "graph", "derived", "tuned_val_errors")  # summary entries reported as JSON text
 
 
 # --- the trainables ------------------------------------------------------------------------
@@ -76,7 +77,9 @@ def train_trial(config: dict) -> None:
         with reporting_divergence(facts):  # a diverged trial is not retried (risda.runner.retry)
             summary = train(cfg, on_epoch=on_epoch, resume_from=resume_from, stage1_from=stage1_from,
                             data=trial_data(cfg))
-        scalars = {f"summary_{k}": v for k, v in summary.items() if isinstance(v, (int, float, str)) or v is None}
+        # scalars as they are; the graph diagnostics' neighbour lists and a derived arm's summary as JSON
+        scalars = {f"summary_{k}": json.dumps(v) if isinstance(v, (dict, list)) and k in JSON_SUMMARY else v
+                   for k, v in summary.items() if isinstance(v, (int, float, str)) or v is None or k in JSON_SUMMARY}
         last = final or {"metrics": {"epochs_done": cfg.epochs, **facts}, "checkpoint": None}  # restored at its end
         report({**last["metrics"], **scalars}, last["checkpoint"])
 

@@ -17,6 +17,7 @@ from dataclasses import fields
 
 from ray import tune
 
+from ...arms import ARMS
 from ...config import Config, ConfigError
 from ...evaluate import selected_errors
 from ...storage import read_text, write_text
@@ -74,6 +75,7 @@ def run_experiment(plan: dict, storage: str, name: str, cpus_per_trial: float, g
     interrupted experiment (finished trials kept, unfinished ones resumed from their
     checkpoints, failed ones only with retry_errored; --restart starts over)."""
     path = experiment_uri(storage, name)
+    plan = training_plan(plan)
     resources = trial_resources(cpus_per_trial, gpus_per_trial)
     train = tune.with_resources(train_trial, resources)
     axes = plan["axes"]
@@ -97,6 +99,32 @@ def run_experiment(plan: dict, storage: str, name: str, cpus_per_trial: float, g
     tuner, restored = restore_or_new_tuner(path, train, new_tuner, restart=restart, retry_errored=retry_errored)
     write_text(f"{path}/{PLAN_FILE}", json.dumps(plan, indent=1))
     return remove_trial_scratch(tuner.fit()), restored, stage1
+
+
+def training_plan(plan: dict) -> dict:
+    """The plan without the cells of derived arms (risda.arms derived_from: post-hoc LA is read
+    from the CE cell's evaluation), which train nothing; collation gives them back their rows."""
+    derived = [a for a in plan["spec"]["grid"].get("arm", []) if ARMS[a].derived_from]
+    if not derived:
+        return plan
+    spec = {**plan["spec"], "grid": {**plan["spec"]["grid"], "arm": [a for a in plan["spec"]["grid"]["arm"] if a not in derived]}}
+    return {**plan, "spec": spec, "cells": [c for c in plan["cells"] if c["key"].get("arm") not in derived]}
+
+
+def with_derived(trials: list[dict]) -> list[dict]:
+    """Each trial, and one trial per derived arm of its arm, made from the summary that the
+    trainer recorded for it (risda.trainer: summary["derived"]): same status, no epochs of its own."""
+    out = []
+    for t in trials:
+        out.append(t)
+        derived = t["result"].get("derived") or {}
+        derived = json.loads(derived) if isinstance(derived, str) else derived
+        for arm_name, summary in derived.items():
+            config = {**t["config"], **{k: v for k, v in summary.get("config", {}).items() if k in ("arm", *ARMS[arm_name].fields)}}
+            config["arm"] = arm_name
+            out.append(dict(t, config=config, trial_id=f"{t['trial_id']}+{arm_name}",
+                            result={**summary, "completed": t["result"].get("completed", True)}))
+    return out
 
 
 def saved_plan(storage: str, name: str) -> dict | None:
@@ -128,7 +156,7 @@ def trials_from_grid(grid, axes) -> tuple[list[dict], "object"]:
         result = {**summary_from_epochs(epochs, row), **summary, "completed": bool(row.get("completed"))}
         trials.append(dict(config=config, status=row["status"], error=row["error"],
                            trial_id=row["trial_id"], path=row["path"], result=result))
-    return trials, epochs_df
+    return with_derived(trials), epochs_df
 
 
 def trial_params(path: str) -> dict:

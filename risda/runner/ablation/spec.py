@@ -55,7 +55,8 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from ...config import ARMS, VARIANTS, Config, ConfigError, parse_field
+from ...arms import ARMS
+from ...config import VARIANTS, Config, ConfigError, parse_field
 from ...data import NUM_CLASSES
 from ...presets import TABLE2
 
@@ -81,14 +82,13 @@ HYPERPARAMETERS = ("alpha", "beta", "head_count", "head_min_count", "cb_gamma", 
 DATA_FIELDS = ("dataset", "data_root", "imbalance", "n_max", "val_per_class", "test_per_class",
                "subset_seed", "image_size")
 
-ARM_LABELS = {"risda": "RISDA", "no_reweight": "w/o w (no re-weighting)", "no_reasoning": "w/o r (no reasoning)",
-              "cov_only": "covariance only", "isda": "ISDA", "ce": "CE", "ce_drw": "CE-DRW"}
+ARM_LABELS = {name: arm.label for name, arm in ARMS.items()}  # declared in risda.arms
 AXIS_LABELS = {"arm": "arm", "imbalance": "λ", "alpha": "α", "beta": "β", "head_count": "head classes",
                "variant": "variant", "seed": "seed"}
 DATASET_LABELS = {"cifar10lt": "CIFAR-10-LT", "cifar100lt": "CIFAR-100-LT", "imagefolder": "ImageFolder",
                   "imagenetlt": "ImageNet-LT", "inat2018": "iNaturalist 2018"}
 
-REASONING_ARMS = ("risda", "no_reweight", "cov_only")
+REASONING_ARMS = tuple(name for name, arm in ARMS.items() if arm.reasons)
 
 _FIELD_TYPES = typing.get_type_hints(Config)
 _FIELD_NAMES = tuple(f.name for f in fields(Config))
@@ -100,7 +100,7 @@ def axis_label(axis: str) -> str:
 
 def value_label(axis: str, value) -> str:
     if axis == "arm":
-        return ARM_LABELS.get(value, value)
+        return ARMS[value].label if value in ARMS else value
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
@@ -233,6 +233,9 @@ def check_published(paper_numbers: dict, bad) -> None:
                     + f"; {fix}")
             if row.get("arm") is not None and row["arm"] not in ARMS:
                 bad(f"[[paper.{ds}]] row {row['method']!r}: unknown arm {row['arm']!r}: choose from {', '.join(ARMS)} or leave it out")
+            if row.get("arm") is not None and row["method"] not in ARMS[row["arm"]].published:
+                bad(f"[[paper.{ds}]] row {row['method']!r} is matched to arm {row['arm']!r}, which risda.arms declares as "
+                    f"exactly {list(ARMS[row['arm']].published) or 'no published method'}: leave `arm` out, or fix the method")
             if not isinstance(row["errors"], dict):
                 bad(f"[[paper.{ds}]] row {row['method']!r}: errors must be a table {{ \"<λ>\" = <error> }}")
             for lam, err in row["errors"].items():
@@ -290,6 +293,9 @@ def check_spec(spec: Spec) -> Spec:
     for arm in spec.grid.get("arm", []):
         if arm not in ARMS:
             bad(f"unknown arm {arm!r}: choose from {', '.join(ARMS)}")
+        base = ARMS[arm].derived_from
+        if base and base not in spec.grid.get("arm", [base]):
+            bad(f"arm {arm!r} trains nothing of its own: it is read from the {base!r} cell's evaluation; add {base} to the arms")
     for variant in spec.grid.get("variant", []):
         if variant not in VARIANTS:
             bad(f"unknown variant {variant!r}: choose paper or reference")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from ...display import EMPTY
+from ...diagnostics import DIAGNOSTIC_TEXT, DIAGNOSTICS, TUNED
 from ...evaluate import GROUPS, SELECTIONS, SUMMARY_ERRORS, selected_errors
 from .spec import (DATASET_LABELS, axis_label, cell_key, coerce, format_key, plan_cells, published_label, published_rows,
                    value_label)
@@ -35,12 +36,12 @@ METRIC_LABELS = {
 # Published rows (overall top-1 error) are shown beside these metrics only.
 PUBLISHED_METRICS = tuple(names[0] for names in SELECTIONS.values())  # test_error, test_error_at_best_val, best_test_error
 OTHER_RESULTS = ("last_epoch", "best_val_epoch", "best_test_epoch", "epochs_run", "wall_time_s", "train_size",
-                 "val_size", "test_size", "started_at", "ended_at", "stage1_wall_time_s")
+                 "val_size", "test_size", "started_at", "ended_at", "stage1_wall_time_s", *DIAGNOSTICS, *TUNED)
 # Where a trial ran (strings), when its result carries them.
-RUN_FACTS = ("device", "hostname", "torch", "stage1_key")
+RUN_FACTS = ("device", "hostname", "torch", "stage1_key", "precision", "torch_threads", "compile", *DIAGNOSTIC_TEXT)
 # Columns every runs table has, whether or not they are grid axes.
 FIXED_CONFIG = ("arm", "variant", "imbalance", "seed", "subset_seed", "alpha", "beta", "head_count",
-                "cb_gamma", "lr", "weight_decay", "batch_size", "dataset", "epochs", "n_max")
+                "cb_gamma", "lr", "weight_decay", "batch_size", "dataset", "epochs", "n_max", "graph_source")
 OK, FAILED, NOT_RUN, PARTIAL = "ok", "failed", "not run", "partial"
 
 
@@ -67,6 +68,8 @@ def trials_from_run_dirs(root) -> tuple[list[dict], pd.DataFrame]:
         summary = json.loads(summary_path.read_text())
         trials.append(dict(config=summary["config"], status="TERMINATED", error=None, trial_id=folder.name,
                            path=str(folder), result={**summary, "completed": True}))
+        from .experiment import with_derived
+        trials[-1:] = with_derived(trials[-1:])
         if (folder / "epochs.parquet").is_file():
             epochs.append(pd.read_parquet(folder / "epochs.parquet").assign(trial_id=folder.name))
     return trials, (pd.concat(epochs, ignore_index=True) if epochs else pd.DataFrame())
@@ -109,7 +112,8 @@ def collate_runs(plan: dict, trials: list[dict], experiment: str = "", epochs: p
         for r in OTHER_RESULTS:
             row[r] = _num(result.get(r))
         for r in RUN_FACTS:
-            row[r] = result.get(r)
+            v = result.get(r)
+            row[r] = json.dumps(v) if isinstance(v, (dict, list)) else v
         row.update(trial_id=(t or {}).get("trial_id"), trial_path=(t or {}).get("path"),
                    config=json.dumps(cfg, sort_keys=True))
         rows.append(row)

@@ -1,0 +1,131 @@
+"""--compile: what auto picks, that the field is a stage-I field, and the exactness contract of a
+compiled run against eager fp32 (the reference): within STEP_TOL for N steps, and a whole
+compiled run's loss curve within CURVE_TOL of eager's. The compiled ones are slow (inductor
+compiles ResNet-32 in about a minute on a small CPU) and skipped where torch.compile cannot run."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from risda import compile as rc
+from risda.checkpoint import load_checkpoint, save_checkpoint
+from risda.config import Config, ConfigError
+from risda.models import build_model
+from risda.stage1 import stage1_key
+from risda.trainer import train
+
+STEPS = 10          # SGD steps compared step by step
+STEP_TOL = 1e-3     # relative |loss_compiled - loss_eager| / loss_eager, every step (fp32, same threads)
+CURVE_TOL = 0.02    # relative difference of each epoch's mean training loss, a whole run
+needs_compile = pytest.mark.skipif(rc.compile_available() is not None, reason=f"torch.compile unavailable: {rc.compile_available()}")
+
+
+@pytest.fixture
+def compiler_present(monkeypatch):
+    monkeypatch.setattr(rc, "compile_available", lambda: None)
+
+
+def test_auto_compiles_only_where_measured_to_pay(compiler_present):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    long, short = 10 * rc.MIN_STEPS, rc.MIN_STEPS // 2
+    assert rc.resolve_compile("auto", cpu, "fp32", long)[0] is True        # 1.48x measured
+    assert rc.resolve_compile("auto", cpu, "fp32", short)[0] is False      # cannot repay the compile
+    off, why = rc.resolve_compile("auto", cpu, "bf16", long)               # 1.06x: not worth it
+    assert off is False and "bf16" in why and "1.06" in why
+    assert rc.resolve_compile("auto", cuda, "bf16", long)[0] is True
+    assert rc.resolve_compile("auto", cuda, "bf16", short)[0] is False
+    assert rc.resolve_compile("auto", torch.device("mps"), "fp32", long)[0] is False
+    assert rc.resolve_compile("on", cpu, "bf16", 1) == (True, "on: asked for")
+    assert rc.resolve_compile("off", cuda, "fp32", long) == (False, "off: asked for")
+
+
+def test_no_compiler_means_off_for_auto_and_an_error_for_on(monkeypatch):
+    monkeypatch.setattr(rc, "compile_available", lambda: "no C compiler for inductor's kernels (install gcc)")
+    off, why = rc.resolve_compile("auto", torch.device("cpu"), "fp32", 10 * rc.MIN_STEPS)
+    assert off is False and "no C compiler" in why
+    with pytest.raises(RuntimeError, match="--compile on: no C compiler"):
+        rc.resolve_compile("on", torch.device("cpu"), "fp32", 1)
+
+
+def test_config_checks_compile_and_keys_it_as_stage1():
+    with pytest.raises(ConfigError, match="unknown compile 'yes'"):
+        Config(compile="yes").validate()
+    assert Config().compile == "auto"
+    # it changes numerics, so it is a stage-I field; at its default it leaves existing keys as they were
+    keys = {stage1_key(Config(compile=c)) for c in ("auto", "on", "off")}
+    assert len(keys) == 3
+    assert stage1_key(Config(compile="auto")) == stage1_key(Config())
+
+
+def test_checkpoint_older_than_the_field_resumes(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, Config(), model={}, optimizer={}, objective={}, epoch=0, history=[], elapsed=0.0)
+    state = torch.load(path, weights_only=True)
+    del state["config"]["compile"]  # as written before --compile existed
+    torch.save(state, path)
+    assert load_checkpoint(path, Config())["epoch"] == 0
+    with pytest.raises(ConfigError, match="--compile: 'auto' -> 'on'"):
+        load_checkpoint(path, Config(compile="on"))
+
+
+def sgd_losses(model, forward, batches) -> list[float]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    losses = []
+    for x, y in batches:
+        loss = F.cross_entropy(forward(x)[1], y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.slow
+@needs_compile
+def test_compiled_fp32_stays_within_tolerance_of_eager_for_n_steps():
+    torch.manual_seed(0)
+    base = build_model("resnet32", 10)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)) for _ in range(STEPS)]
+    eager_model, compiled_model = copy.deepcopy(base), copy.deepcopy(base)
+    eager = sgd_losses(eager_model, eager_model, batches)
+    compiled = sgd_losses(compiled_model, rc.compile_forward(compiled_model, "cpu"), batches)
+    rel = [abs(c - e) / e for c, e in zip(compiled, eager)]
+    assert max(rel) < STEP_TOL, rel
+    assert eager[-1] < eager[0]  # the steps trained something: the comparison is not of two constants
+    weights = [(p - q).abs().max().item() / q.abs().max().item()
+               for p, q in zip(compiled_model.parameters(), eager_model.parameters())]
+    assert max(weights) < STEP_TOL, max(weights)
+
+
+@pytest.mark.slow
+@needs_compile
+def test_compiled_run_tracks_eager_and_reuses_the_compiled_graph(tiny_config, tmp_path):
+    from torch._dynamo.utils import counters
+    runs = {name: tiny_config(epochs=3, compile=name, out=str(tmp_path / name)) for name in ("off", "on")}
+    graphs = [counters["stats"]["unique_graphs"]]
+    eager = train(runs["off"])
+    graphs.append(counters["stats"]["unique_graphs"])
+    compiled = train(runs["on"])
+    graphs.append(counters["stats"]["unique_graphs"])
+    again = train(tiny_config(epochs=3, compile="on", out=str(tmp_path / "again")))  # the next trial of a worker
+    graphs.append(counters["stats"]["unique_graphs"])
+    # eager compiles nothing, the compiled run one graph (the last, smaller batch runs eager), its rerun none
+    assert graphs[1] == graphs[0] and graphs[2] == graphs[1] + 1 and graphs[3] == graphs[2], graphs
+
+    losses = {name: [r["train_loss"] for r in read_epochs(tmp_path / name)] for name in ("off", "on", "again")}
+    assert len(losses["on"]) == 3
+    for e, c in zip(losses["off"], losses["on"]):
+        assert abs(c - e) / e < CURVE_TOL, losses
+    assert losses["again"] == losses["on"]  # the reused graph computes the same run
+    assert (eager["compile"], compiled["compile"], again["compile"]) == (False, True, True)
+    assert compiled["compile_reason"] == "on: asked for" and eager["compile_reason"] == "off: asked for"
+    assert compiled["torch_threads"] == torch.get_num_threads()
+
+
+def read_epochs(out):
+    import pyarrow.parquet as pq
+    return pq.read_table(out / "epochs.parquet").to_pylist()

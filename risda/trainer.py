@@ -305,7 +305,9 @@ def write_graph(out: Path, graph, class_names: list[str]) -> list | None:
     table = pa.table({"class": class_names, **{name: eps[:, j].tolist() for j, name in enumerate(class_names)}})
     pq.write_table(table, out / "graph.parquet")
     plot_graph(eps, class_names, out / "graph.png")
-    return [[round(float(v), 6) for v in row] for row in eps] if len(class_names) <= HEATMAP_MAX_CLASSES else None
+    if len(class_names) > HEATMAP_MAX_CLASSES:
+        return None
+    return {"classes": list(class_names), "eps": [[round(float(v), 6) for v in row] for row in eps]}
 
 
 def summarize(cfg: Config, data: LongTailData, history: list[dict], device, wall_time: float, precision: str) -> dict:

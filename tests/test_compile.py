@@ -50,14 +50,14 @@ def test_no_compiler_means_off_for_auto_and_an_error_for_on(monkeypatch):
         rc.resolve_compile("on", torch.device("cpu"), "fp32", 1)
 
 
-def test_config_checks_compile_and_keys_it_as_stage1():
+def test_config_checks_compile_and_keeps_it_out_of_the_stage1_key():
     with pytest.raises(ConfigError, match="unknown compile 'yes'"):
         Config(compile="yes").validate()
     assert Config().compile == "auto"
-    # it changes numerics, so it is a stage-I field; at its default it leaves existing keys as they were
+    # like the thread count it changes fp32 rounding, not the computation (within the stated
+    # tolerance), and "auto" is decided per host: a compiled and an eager stage I are one stage I
     keys = {stage1_key(Config(compile=c)) for c in ("auto", "on", "off")}
-    assert len(keys) == 3
-    assert stage1_key(Config(compile="auto")) == stage1_key(Config())
+    assert keys == {stage1_key(Config())}
 
 
 def test_checkpoint_older_than_the_field_resumes(tmp_path):

@@ -248,7 +248,8 @@ def bench_modes(args, device):
     for (prec, t), (_, how) in sorted(peaks.items()):
         print(f"peak assumed, {prec}, {t} thread(s): {peaks[prec, t][0] / 1e9:.0f} GFLOP/s = {how}")
     for mode, s in compile_s.items():
-        print(f"compile time {mode}: {s:.1f} s (first {args.warmup} steps at {threads[0]} thread(s), minus eager steps)")
+        print(f"compile time {mode}: {s:.1f} s (first {args.warmup} steps at {threads[0]} thread(s), minus eager steps; "
+              f"{'warm' if args.warm_cache else 'cold'} inductor cache)")
 
 
 # --- packing: two 1-thread processes against one 2-thread process ------------------------------

@@ -122,8 +122,10 @@ def test_a_killed_trial_is_an_error_and_retry_errored_completes_it(cifar10_root,
     experiment = tmp_path / "ray" / name
     log_path = tmp_path / "killed.log"
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, str(SEARCH_PY), *argv, "--address", loopback_ray], cwd=REPO,
-                            stdout=log, stderr=subprocess.STDOUT)
+    # --max-failures 0: on a cluster it defaults to 2, and Tune would restore the killed trial by itself
+    # (tests/test_retry.py); here the kill must stay an error that only --retry-errored continues
+    proc = subprocess.Popen([sys.executable, str(SEARCH_PY), *argv, "--address", loopback_ray, "--max-failures", "0"],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     tail = lambda: log_path.read_text()[-3000:]  # noqa: E731
     try:
         # The first stage-II trial, once it runs in its scratch folder: SIGKILL its worker process.

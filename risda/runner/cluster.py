@@ -38,7 +38,7 @@ def add_runner_args(parser, default_name: str) -> None:
                                                                     "e.g. 0.25 (default: 0)")
     w.add_argument("--max-failures", type=int, default=None, help="retries of a failed trial from its last checkpoint; a "
                    "diverged trial is never retried (default: 2 with --address, so that a lost node's trials restore "
-                   "elsewhere; 0 on the embedded Ray)")
+                   "elsewhere; 0 on the embedded Ray; a resumed search keeps the value it was started with)")
     w.add_argument("--storage", default=None, help=f"Ray experiment storage: a path or a URI pyarrow understands "
                                                    f"(s3://, gs://; shared by all nodes) (default: ./{LOCAL_STORAGE})")
     w.add_argument("--name", default=None, help=f"experiment name (default: {default_name})")

@@ -326,11 +326,16 @@ def experiment_identity(cfg: Config, space: dict, args) -> dict:
                 gpus_per_trial=args.gpus_per_trial, max_failures=args.max_failures, shared_stage1=args.shared_stage1)
 
 
-def check_same_experiment(path: str, identity: dict) -> None:
+def saved_identity(path: str) -> dict:
+    """The identity an experiment was created with ({} for one older than the file)."""
     text = read_text(f"{path}/{IDENTITY_FILE}")
-    if text is None:
+    return {} if text is None else json.loads(text)
+
+
+def check_same_experiment(path: str, identity: dict) -> None:
+    saved = saved_identity(path)
+    if not saved:
         return
-    saved = json.loads(text)
     now = json.loads(json.dumps(identity))  # same JSON types (tuples -> lists) as the saved one
     diffs = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if k != "config" and saved.get(k) != now[k]]
     diffs += [f"--{k.replace('_', '-')}: {saved['config'].get(k)!r} -> {v!r}"
@@ -416,6 +421,7 @@ def main(argv=None, trainable=None) -> int:
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     args = parse_args(argv)
     set_log_every(args.log_every)  # plain progress lines (risda.runner.progress)
+    given_max_failures = args.max_failures
     args.max_failures = max_failures(args.max_failures, args.address)  # 2 on a cluster (risda.runner.retry)
     owns_ray = False
     started = time.time()
@@ -438,8 +444,10 @@ def main(argv=None, trainable=None) -> int:
         out = Path(args.results).expanduser().resolve() / name
         check_writable(out, "--results")
         params = list(space)
-        identity = experiment_identity(cfg, space, args)
         continuing = not args.restart and tune.Tuner.can_restore(path)
+        if continuing and given_max_failures is None:  # resumed elsewhere (a laptop, a cluster): Tune keeps its retries
+            args.max_failures = saved_identity(path).get("max_failures", args.max_failures)
+        identity = experiment_identity(cfg, space, args)
         if continuing:
             check_same_experiment(path, identity)
         shared = stage1_configs(cfg, space, args, console)

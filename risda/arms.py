@@ -21,7 +21,8 @@ from functools import partial
 from typing import Callable
 
 from .method import Parts, RISDAObjective
-from .objectives import DeferredReweighting, LDAMDRW, LogitAdjustedLoss, Objective, PosthocLogitAdjusted
+from .objectives import (DeferredLogitAdjustedLoss, DeferredReweighting, LDAMDRW, LogitAdjustedLoss, Objective,
+                         PosthocLogitAdjusted)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ ARMS: dict[str, Arm] = {
     "balanced_softmax": Arm(LogitAdjustedLoss, "Balanced Softmax", stage1="own", stage1_name="la_loss",
                             stage1_fields=("la_tau",), fields=("la_tau",), fixed={"la_tau": 1.0}, fixed_as="la_loss",
                             published=("Balanced Softmax",)),
+    "la_deferred": Arm(DeferredLogitAdjustedLoss, "CE → LA loss from stage II (deferred; ours)", fields=("la_tau",)),
     "ldam_drw": Arm(LDAMDRW, "LDAM-DRW", stage1="own", stage1_name="ldam", normed_classifier=True,
                     stage1_fields=("ldam_max_margin", "ldam_scale"), fields=("ldam_max_margin", "ldam_scale"),
                     published=("LDAM-DRW",)),

@@ -90,6 +90,16 @@ class LogitAdjustedLoss(Objective):
         return F.cross_entropy(logits.float() + self.offset, labels)
 
 
+class DeferredLogitAdjustedLoss(LogitAdjustedLoss):
+    """Plain CE in stage I (the shared CE stage I), the logit-adjusted loss of `LogitAdjustedLoss`
+    (τ log π_j added to the logits; Balanced Softmax at τ = 1) from stage II on: the loss deferred
+    as DRW defers its weights (Cao et al. 2019). Ours as a named arm, not Menon et al.'s or Ren et
+    al.'s method, which both train the adjusted loss from epoch 0 (that is `la_loss`)."""
+
+    def loss(self, features, logits, labels, model, epoch):
+        return F.cross_entropy(logits.float() + self.offset if self.stage2(epoch) else logits.float(), labels)
+
+
 def ldam_margins(class_counts, max_margin: float) -> torch.Tensor:
     """LDAM's per-class margins Δ_j = C / n_j^{1/4}, with C such that the largest is max_margin
     (Cao et al. 2019, eq. 13; the authors' `LDAMLoss`)."""

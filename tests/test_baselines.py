@@ -63,6 +63,18 @@ def test_balanced_softmax_is_log_n_added_and_equals_la_loss_at_tau_1():
         Config(arm="balanced_softmax", la_tau=2.0).validate()
 
 
+def test_deferred_la_is_ce_in_stage_1_and_the_la_loss_in_stage_2_on_the_shared_ce_stage_1():
+    logits, labels = batch(4)
+    prior = np.array(COUNTS, dtype=np.float64) / sum(COUNTS)
+    obj = objective("la_deferred", la_tau=1.5)
+    assert loss(obj, logits, labels, 7) == pytest.approx(np_ce(logits.double().numpy(), labels.numpy()), rel=1e-5)
+    want = np_ce(logits.double().numpy() + 1.5 * np.log(prior), labels.numpy())
+    assert loss(obj, logits, labels, 8) == pytest.approx(want, rel=1e-5)  # stage II: epoch 8 of 10
+    base = dict(subset_seed=0, pad_mode="zeros", warmup_epochs=5)
+    assert stage1_key(Config(arm="la_deferred", la_tau=1.5, **base)) == stage1_key(Config(arm="ce", **base))
+    assert ARMS["la_deferred"].label != ARMS["la_loss"].label and not ARMS["la_deferred"].published  # never relabelled
+
+
 def test_ldam_drw_is_its_numpy_form_with_drw_weights_in_stage_2():
     logits, labels = batch(2)
     z = np.tanh(logits.double().numpy())  # cosine logits, in [-1, 1]

@@ -18,7 +18,7 @@ from ..arms import ARMS
 METRICS = (("test_error", "(a) last"), ("test_error_at_best_val", "(b) best-val"), ("best_test_error", "(c) best-test"),
            ("few_error", "few (last)"))
 RISDA = ("risda", "paper", "confusion")
-BASELINES = ("ce", "ce_drw", "ce_posthoc_la", "la_loss", "ldam_drw")
+BASELINES = ("ce", "ce_drw", "ce_posthoc_la", "la_loss", "la_deferred", "ldam_drw")
 
 
 def cell_of(row) -> tuple:

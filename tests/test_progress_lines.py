@@ -65,9 +65,11 @@ def test_a_long_epoch_gets_lines_within_it(capsys):
     assert len(lines) == 3 and "300/1000 images  loss 2.000  ETA" in lines[-1], lines
 
 
-def trial(trial_id, status, config, last_result=None, error_msg=None):
+def trial(trial_id, status, config, last_result=None, error_file=None):
+    """What the callbacks read of Tune's Trial; `error_file` is where Tune wrote a failed trial's
+    error (Ray 2.60's Trial has no error message attribute)."""
     return SimpleNamespace(trial_id=trial_id, status=status, config=config, last_result=last_result or {},
-                           error_msg=error_msg)
+                           error_file=error_file)
 
 
 def test_a_driver_prints_a_line_per_running_trial_every_so_often(capsys):
@@ -86,15 +88,20 @@ def test_a_driver_prints_a_line_per_running_trial_every_so_often(capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_a_driver_prints_a_line_per_finished_and_failed_trial(capsys):
+def test_a_driver_prints_a_line_per_finished_and_failed_trial(capsys, tmp_path):
     cb = RichProgress(2, "val_error", ["alpha"])
     cb.on_trial_complete(0, [], trial("t1", "TERMINATED", {"alpha": 0.5}, dict(val_error=40.0, test_error=41.0,
                                                                                 epochs_done=3)))
-    cb.on_trial_error(0, [], trial("t2", "ERROR", {"alpha": 1.5}, error_msg="Traceback...\nDivergedError: diverged: nan"))
+    error_file = tmp_path / "error.txt"  # as Tune writes it before it calls on_trial_error
+    error_file.write_text("Failure # 1 (occurred at 2026-12-07_04-12-50)\nray::ImplicitFunc.train()\n  File \"x.py\", "
+                          "line 1, in train\nDivergedError: diverged: nan\n")
+    cb.on_trial_error(0, [], trial("t2", "ERROR", {"alpha": 1.5}, error_file=str(error_file)))
+    cb.on_trial_error(0, [], trial("t3", "ERROR", {"alpha": 1.0}))  # no error file: the line without a cause
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 3
     assert lines[0].endswith("trials: done   t1 alpha=0.5  val_error 40  test 41  epochs 3"), lines[0]
     assert lines[1].endswith("trials: failed t2 alpha=1.5: DivergedError: diverged: nan"), lines[1]
+    assert lines[2].endswith("trials: failed t3 alpha=1"), lines[2]
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ with --debug); an empty many/medium/few group prints as `–`. Nothing here trai
 from __future__ import annotations
 
 import errno
+import os
 import urllib.error
 
 import pytest
@@ -127,6 +128,96 @@ def test_a_driver_shows_the_traceback_with_debug(monkeypatch):
 
 def test_a_bug_on_the_driver_is_not_disguised():
     assert driver_failure(KeyError("x")) is None
+
+
+# Tune's own output for a failed trial: the traceback it logs ("Trial task failed ..."), the box of
+# the trial's last result. A diverged trial (or a storage fault in one) put two tracebacks a trial in
+# a search's log; the driver has its own line for it.
+QUIET_TUNE = ("TUNE_PRINT_ALL_TRIAL_ERRORS", "RAY_AIR_NEW_OUTPUT")
+
+
+@pytest.mark.parametrize("debug", [False, True])
+@pytest.mark.parametrize("runner", ["search", "ablation"])
+def test_a_driver_turns_tunes_tracebacks_off_unless_debug(monkeypatch, tmp_path, runner, debug):
+    for var in QUIET_TUNE:
+        monkeypatch.delenv(var, raising=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+    argv = ["--results", str(tmp_path / "res"), *(["--debug"] if debug else [])]
+    if runner == "search":
+        from risda.runner import search
+        monkeypatch.setattr(search, "base_config", stop)
+        main_ = search.main
+    else:
+        from risda.runner.ablation import cli
+        monkeypatch.setattr(cli, "run", stop)
+        main_ = cli.main
+    with pytest.raises(Stop):  # a bug: its traceback, either way
+        main_(argv)
+    for var in QUIET_TUNE:
+        assert os.environ.get(var) == (None if debug else "0"), var
+
+
+
+def test_an_ablations_failed_stage1_is_one_line(monkeypatch, capsys, tmp_path, cifar10_root):
+    """A shared stage I that diverged (or hit a full disk) ends ablations/run.py with one line, exit 1,
+    however long the message and whatever brackets it holds (it was wrapped at the console's width)."""
+    from risda.runner.ablation import cli
+    from risda.runner.stage1 import Stage1Failed
+    message = ("1 of 1 shared stage I(s) did not finish (22fa777ec69e822d: risda.trainer.DivergedError: diverged: "
+               "the mean training loss exploded to 2.53e+18 (> 10000) at epoch 0 [lr 200000, arm ce]; lower --lr, "
+               "--alpha or --beta. " + "x" * 200 + "); fix the cause and rerun the same command")
+
+    def fail(*a, **k):
+        raise Stage1Failed(message)
+    monkeypatch.setattr(cli, "check_cells_data", lambda *a, **k: 0)
+    monkeypatch.setattr(cli, "init_ray", lambda *a, **k: False)  # no Ray: run_experiment fails first
+    monkeypatch.setattr(cli, "cluster_summary", lambda: "no cluster")
+    monkeypatch.setattr(cli.ray, "cluster_resources", lambda: {})
+    monkeypatch.setattr(cli, "run_experiment", fail)
+    rc = cli.main(["--spec", "cifar10lt_reduced", "--arms", "ce", "--data-root", str(cifar10_root), "--imbalance", "10",
+                   "--n-max", "60", "--storage", str(tmp_path / "ray"), "--results", str(tmp_path / "res"),
+                   "--name", "s1fail"])
+    out = capsys.readouterr().out
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert rc == 1 and len(errors) == 1 and errors[0] == f"error: {message}", out
+    assert out.rstrip().endswith(message), out
+
+
+@pytest.mark.slow
+def test_a_failed_trial_leaves_no_traceback_in_the_drivers_log(monkeypatch, tmp_path, capfd):
+    import ray
+    from ray import tune
+
+    from risda.runner import cluster
+    from risda.runner.progress import RichProgress
+    for var in QUIET_TUNE:
+        monkeypatch.delenv(var, raising=False)
+    cluster.quiet_tune(debug=False)
+
+    def trainable(config):
+        tune.report({"epochs_done": 1})
+        raise DivergedError("diverged: the mean training loss became nan at epoch 1")
+    assert cluster.init_ray(num_cpus=1, num_gpus=0, include_dashboard=False, logging_level="warning")
+    try:
+        grid = tune.Tuner(trainable, run_config=tune.RunConfig(
+            name="quiet", storage_path=str(tmp_path / "ray"), verbose=0,
+            callbacks=[RichProgress(1, metric=None, label="trials")])).fit()
+    finally:
+        ray.shutdown()
+    captured = capfd.readouterr()
+    text = captured.out + captured.err
+    assert "diverged: the mean training loss became nan" in str(grid[0].error)
+    failed = [line for line in text.splitlines() if "trials: failed" in line]  # the driver's own line, with the cause
+    assert len(failed) == 1 and "DivergedError: diverged: the mean training loss became nan" in failed[0], text
+    # Tune's traceback of the trial (a logging error of Ray's logger, whose stream an earlier
+    # test's capsys closed, may print one of its own in this process)
+    assert "Trial task failed" not in text and "RayTaskError" not in text and "errored after" not in text, text
+    assert "Configuration for experiment" not in text, text
 
 
 # --- item 8: empty groups ------------------------------------------------------------------------

@@ -99,6 +99,19 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     return True
 
 
+def quiet_tune(debug: bool = False) -> None:
+    """Turn Tune's own driver output off, unless --debug: for each failed trial, the traceback
+    it logs ("Trial task failed ...") and the box of the trial's last result, and at each
+    experiment's start, the box of its configuration and the TensorBoard hint. The driver has
+    its own lines for all of it (RichProgress: `failed <trial>: <error>`; trials.parquet and
+    runs.parquet keep the message; Tune's error.txt the traceback). Environment variables a
+    user has set win."""
+    if debug:
+        return
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")  # read by Tune's controller
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's older reporter, silent at verbose=0
+
+
 @contextlib.contextmanager
 def loopback_node_ip():
     """Let an embedded Ray keep 127.0.0.1 as its node address, so that every server it starts

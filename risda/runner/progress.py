@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from ray import tune
 
@@ -12,6 +13,7 @@ from ..config import Config
 from ..display import EMPTY, is_empty
 from ..progress import DEFAULT_LOG_EVERY, duration, log_every, plain_line
 from ..evaluate import error_names
+from .collate import error_message
 
 
 class RichProgress(tune.Callback):
@@ -66,10 +68,8 @@ class RichProgress(tune.Callback):
         self._log(f"done   {self._describe(trial)}  {score}epochs {r.get('epochs_done', 0)}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        # Tune writes the error file after this call; Tune's log shows the traceback and
-        # trials.parquet the message.
-        error = f": {trial.error_msg.strip().splitlines()[-1]}" if getattr(trial, "error_msg", None) else ""
-        self._log(f"failed {self._describe(trial)}{error}", style="red")
+        error = trial_error_line(trial)
+        self._log(f"failed {self._describe(trial)}{f': {error}' if error else ''}", style="red")
 
     def _log(self, text: str, style: str = "") -> None:
         if plain():
@@ -131,6 +131,18 @@ def print_top(trials, metric: str = "val_error", params=(), n: int = 10, title: 
     failed = trials[trials["error"].notna()]
     for _, row in failed.iterrows():
         console.print(f"[red]failed[/red] {row['trial_id']}: {row['error']}")
+
+
+def trial_error_line(trial) -> str | None:
+    """The last line of a failed trial's error ('risda.trainer.DivergedError: diverged: ...'), from
+    the error file Tune writes before it calls the callbacks (its traceback stays there, off the
+    driver's log: risda.runner.cluster.quiet_tune); None if there is none."""
+    path = getattr(trial, "error_file", None)
+    try:
+        text = Path(path).read_text() if path else ""
+    except OSError:
+        return None
+    return error_message(text) if text.strip() else None
 
 
 def plain() -> bool:

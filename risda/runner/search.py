@@ -51,8 +51,8 @@ from ..presets import TABLE2
 from ..progress import set_log_every
 from ..stage1 import BOOKKEEPING_FIELDS, STAGE2_FIELDS, shares_stage1
 from ..storage import read_text, write_text
-from .cluster import (add_runner_args, check_writable, cluster_summary, experiment_uri, init_ray, remove_trial_scratch,
-                      restore_or_new_tuner, storage_uri, trial_resources)
+from .cluster import (add_runner_args, check_writable, cluster_summary, experiment_uri, init_ray, quiet_tune,
+                      remove_trial_scratch, restore_or_new_tuner, storage_uri, trial_resources)
 from .collate import RESULTS_INTACT, Outcome, best_trial, collate, write_parquet
 from .datacheck import check_data, checkable
 from .exits import failure_exit
@@ -421,6 +421,7 @@ def main(argv=None, trainable=None) -> int:
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     args = parse_args(argv)
     set_log_every(args.log_every)  # plain progress lines (risda.runner.progress)
+    quiet_tune(args.debug)  # no Tune tracebacks or boxes in the log (risda.runner.cluster)
     given_max_failures = args.max_failures
     args.max_failures = max_failures(args.max_failures, args.address)  # 2 on a cluster (risda.runner.retry)
     owns_ray = False

@@ -28,7 +28,8 @@ from rich.markup import escape
 from ...config import Config, ConfigError, add_config_args, config_overrides
 from ...evaluate import SUMMARY_ERRORS
 from ...progress import set_log_every
-from ..cluster import add_runner_args, check_writable, cluster_summary, experiment_uri, init_ray, storage_uri
+from ..cluster import (add_runner_args, check_writable, cluster_summary, experiment_uri, init_ray, quiet_tune,
+                       storage_uri)
 from ..collate import Outcome, write_parquet
 from ..datacheck import check_cells_data
 from ..exits import failure_exit
@@ -148,6 +149,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     set_log_every(args.log_every)  # plain progress lines (risda.runner.progress)
+    quiet_tune(args.debug)  # no Tune tracebacks or boxes in the log (risda.runner.cluster)
     args.max_failures = max_failures(args.max_failures, args.address)  # 2 on a cluster (risda.runner.retry)
     try:
         return run(args, console, argv)
@@ -266,7 +268,7 @@ def run_held(args, console, argv, held: contextlib.ExitStack) -> int:
                 console.print(f"[yellow]interrupted:[/] {e}")
                 return 130
             except Stage1Failed as e:
-                console.print(f"[bold red]error:[/] {e}")
+                console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)  # one line, however long
                 return 1
             if stage1 is not None:
                 console.print(describe_stage1(stage1))

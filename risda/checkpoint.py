@@ -10,7 +10,8 @@ from .config import Config, ConfigError, _flag
 from .failures import writing
 
 # Fields that may differ between an interrupted run and its resumption.
-RESUMABLE_CHANGES = {"resume", "progress", "out", "device", "num_workers", "cache_dir", "data_root", "download"}
+RESUMABLE_CHANGES = {"resume", "progress", "out", "device", "num_workers", "cache_dir", "data_root", "download",
+                     "threads", "stage1_threads"}
 CHECKPOINT_KEYS = {"config", "model", "optimizer", "objective", "epoch", "history", "elapsed"}
 
 

@@ -81,6 +81,8 @@ class Config:
     out: str = "runs/default"
     resume: bool = field(default=False, metadata={"help": "continue from <out>/checkpoint.pt"})
     progress: bool = field(default=True, metadata={"help": "show a rich progress bar"})
+    threads: int | None = field(default=None, metadata={"help": "torch's intra-op CPU threads (default: torch's own, one per core; a Ray trial: the CPUs Ray reserved for it). fp32 results on CPU depend on it in the last digits"})
+    stage1_threads: int | None = field(default=None, metadata={"help": "threads of the stage-I epochs (default: --threads). A search trial's shared stage I may have run on more threads than its stage II: --config best.json sets both"})
 
     # ------------------------------------------------------------------------------
     def resolved(self) -> "Config":
@@ -208,6 +210,8 @@ _RANGES = (
     ("ldam_scale", False, lambda v: v > 0, "> 0 (Cao et al.: 30)"),
     ("eval_every", True, lambda v: v >= 1, ">= 1"),
     ("checkpoint_every", True, lambda v: v >= 1, ">= 1"),
+    ("threads", True, lambda v: v >= 1, ">= 1 (omit it for torch's default)"),
+    ("stage1_threads", True, lambda v: v >= 1, ">= 1 (omit it for --threads)"),
 )
 _RANGE_OF = {name: (integer, ok, rule) for name, integer, ok, rule in _RANGES}
 _FIELD_TYPES = typing.get_type_hints(Config)

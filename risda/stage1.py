@@ -32,10 +32,11 @@ STAGE1_FORMAT = 1  # bump when stage I's computation changes, so old entries are
 STAGE2_FIELDS = frozenset({"arm", "variant", "alpha", "beta", "head_count", "head_min_count", "cb_gamma",
                            "covariance", "graph_topk", "graph_source", "graph_temperature"}) | ARM_FIELDS
 # Where and how a run is kept and shown, not what it computes. `compile` is here with the thread
-# count (which is no field): both change fp32 rounding, not the computation (risda.compile states
-# the tolerance), so a compiled and an eager stage I are the same stage I.
+# counts (threads, stage1_threads): they change fp32 rounding, not the computation (risda.compile
+# states the tolerance), so a compiled and an eager stage I, or one on 1 and one on 2 threads, are
+# the same stage I. What a stage I ran with is recorded instead (stage1_torch_threads, stage1_compile).
 BOOKKEEPING_FIELDS = frozenset({"preset", "out", "resume", "progress", "eval_every", "checkpoint_every", "device",
-                                "num_workers", "cache_dir", "download", "compile"})
+                                "num_workers", "cache_dir", "download", "compile", "threads", "stage1_threads"})
 CHECKPOINT, INFO = "checkpoint.pt", "stage1.json"
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -13,6 +14,49 @@ from .progress import DEFAULT_LOG_EVERY, seconds_flag, set_log_every
 # Input errors: printed as one line `error: <message>` (exit 2), the traceback only with --debug.
 INPUT_ERRORS = (ConfigError, FileNotFoundError)
 # Runtime failures (a divergence, a storage fault, a failed --download): one line too, exit 1.
+
+# Where a run was written, not what it computed: a replay (--config) takes none of them from the file.
+NOT_REPLAYED = ("out", "resume", "progress")
+
+
+def replay_fields(path) -> tuple[dict, str | None]:
+    """(Config fields, note) of the run recorded in `path`: a search's best.json (tune/search.py) or a
+    run's summary.json. The fields are its config, written to <the file's folder>/replay, with the
+    threads and compile decision it ran with per phase (`torch_threads`, `compile` of the run or its
+    stage II; `stage1_torch_threads`, `stage1_compile` of its stage I, which in a search is a shared
+    stage I that may have had more CPUs), so that fp32 on a CPU gives its numbers exactly. The note is
+    one line for a file that lacks them (written before they were recorded). Raises ConfigError."""
+    p = Path(path).expanduser()
+    fix = "pass a search's results/<name>/best.json or a run's <out>/summary.json"
+    if not p.is_file():
+        raise ConfigError(f"--config {p}: no such file; {fix}")
+    try:
+        doc = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {p} is not JSON ({e}); {fix}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict):
+        raise ConfigError(f"--config {p} has no \"config\" object (the run's settings); {fix}")
+    fields = {k: v for k, v in doc["config"].items() if k not in NOT_REPLAYED}
+    fields["out"] = str(p.parent / "replay")
+    try:
+        stage1 = Config.from_dict(fields).resolved().stage1_epochs > 0
+    except ConfigError as e:  # a field this version does not know
+        raise ConfigError(f"--config {p}: {e}") from None
+    recorded = ("torch_threads", "compile", *(("stage1_torch_threads", "stage1_compile") if stage1 else ()))
+    missing = [k for k in recorded if doc.get(k) is None]
+    if doc.get("torch_threads") is not None:
+        fields["threads"] = doc["torch_threads"]
+    if stage1 and doc.get("stage1_torch_threads") is not None:
+        fields["stage1_threads"] = doc["stage1_torch_threads"]
+    compiled = {doc[k] for k in recorded if k.endswith("compile") and doc.get(k) is not None}
+    if len(compiled) == 1:  # as it was decided then (auto counts the steps, which a replay from scratch has more of)
+        fields["compile"] = "on" if compiled.pop() else "off"
+    elif len(compiled) > 1:
+        missing.append("one compile decision (its stage I was compiled and its stage II not, or the reverse)")
+    if not missing:
+        return fields, None
+    return fields, (f"note: {p} does not record {', '.join(missing)} (an older file, or a resumed run that changed "
+                    f"them): the replay may differ from its numbers in the last digits")
 
 
 def preflight(cfg: Config) -> None:
@@ -33,9 +77,13 @@ def preflight(cfg: Config) -> None:
         check_checkpoint(Path(cfg.out).expanduser().resolve() / "checkpoint.pt", cfg.resolved())
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train one long-tailed run (RISDA or a baseline).")
     add_config_args(parser)
+    parser.add_argument("--config", metavar="FILE",
+                        help="replay a recorded run: a search's best.json or a run's summary.json (its config, threads "
+                             "per stage and compile decision; typed flags override them; --out defaults to "
+                             "<the file's folder>/replay)")
     parser.add_argument("--debug", action="store_true", help="on bad input or a runtime failure (divergence, storage fault, failed download), show the Python traceback instead of the one-line error")
     parser.add_argument("--log-every", type=seconds_flag, default=None, metavar="SECONDS",
                         help="plain progress lines instead of the bar (also with --no-progress): a line per epoch and, "
@@ -47,10 +95,14 @@ def main(argv=None) -> int:
                              "variant's observations) and stop: <out>/checkpoint.pt is then a stage-I checkpoint")
     shared.add_argument("--stage1-from", metavar="CHECKPOINT",
                         help="fork stage II from a stage-I checkpoint trained with the same stage-I flags")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     set_log_every(args.log_every)
     try:
-        cfg = Config(**config_overrides(args)).validate()
+        cfg = run_config(args)
         preflight(cfg)
         from .stage1 import shares_stage1
         from .trainer import train
@@ -78,6 +130,18 @@ def main(argv=None) -> int:
         return 1
     print(result_line(summary, cfg.out))
     return 0
+
+
+def run_config(args: argparse.Namespace) -> Config:
+    """The run's Config: the typed flags over --config's recorded run (replay_fields), if any."""
+    given = config_overrides(args)
+    if args.config is None:
+        return Config(**given).validate()
+    recorded, note = replay_fields(args.config)
+    cfg = Config.from_dict({**recorded, **given}).validate()
+    if note:
+        print(note, file=sys.stderr)
+    return cfg
 
 
 def result_line(summary: dict, out) -> str:

@@ -153,6 +153,23 @@ def check_diverged(loss_sum: torch.Tensor, seen: int, cfg: Config, epoch: int, l
         + divergence_hint(cfg.variant, cfg.stage1_epochs, cfg.epochs, epoch))
 
 
+def epoch_threads(cfg: Config, epoch: int, threads: int) -> int:
+    """torch's intra-op threads for an epoch: --stage1-threads in stage I (if given), else `threads`."""
+    return cfg.stage1_threads if epoch < cfg.stage1_epochs and cfg.stage1_threads else threads
+
+
+def record_stage1(info: dict, epoch: int, **ran) -> None:
+    """How stage I ran (its thread count, whether compiled: fp32 rounding depends on both), as
+    `stage1_<name>` in `info`, which the checkpoints carry into a fork's or a resumed run's summary:
+    set at epoch 0, None (unknown) once a resumed stage I ran otherwise or its start is not known."""
+    for name, value in ran.items():
+        key = f"stage1_{name}"
+        if epoch == 0:
+            info[key] = value
+        elif info.get(key) != value:
+            info[key] = None
+
+
 def train(cfg: Config, on_epoch: EpochCallback | None = None, resume_from: Path | None = None,
           data: LongTailData | None = None, stage1_from: Path | None = None,
           stage1_only: bool = False, observe_reference: bool = False) -> dict:
@@ -160,8 +177,25 @@ def train(cfg: Config, on_epoch: EpochCallback | None = None, resume_from: Path 
 
     stage1_only: train stage I alone and stop; the last checkpoint is then the stage-I
     checkpoint that risda.stage1 shares (CE, plus the reference variant's observations if
-    observe_reference). stage1_from: fork stage II from such a checkpoint (same stage-I key)."""
+    observe_reference). stage1_from: fork stage II from such a checkpoint (same stage-I key).
+
+    Runs on cfg.threads torch threads (cfg.stage1_threads in stage I; None: the count torch has)
+    and puts torch's count back at the end; the summary records them (torch_threads,
+    stage1_torch_threads) with the compile decision (compile, stage1_compile)."""
+    threads_before = torch.get_num_threads()
+    try:
+        return _train(cfg, on_epoch, resume_from, data, stage1_from, stage1_only, observe_reference)
+    finally:
+        if torch.get_num_threads() != threads_before:
+            torch.set_num_threads(threads_before)
+
+
+def _train(cfg: Config, on_epoch: EpochCallback | None, resume_from: Path | None, data: LongTailData | None,
+           stage1_from: Path | None, stage1_only: bool, observe_reference: bool) -> dict:
     cfg = cfg.validate().resolved()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    threads = torch.get_num_threads()  # stage II's, and stage I's unless cfg.stage1_threads
     out = Path(cfg.out).expanduser().resolve()
     if resume_from is None and cfg.resume:
         resume_from = out / "checkpoint.pt"
@@ -199,14 +233,15 @@ def train(cfg: Config, on_epoch: EpochCallback | None = None, resume_from: Path 
         optimizer.load_state_dict(state["optimizer"])
         history, start_epoch, elapsed = state["history"], state["epoch"] + 1, state["elapsed"]
         stage1_info = state.get("stage1_info", {})
-    if stage1_from is not None:  # stage-II time starts now; stage I's is reported beside it
-        stage1_info = dict(stage1_key=stage1_key(cfg), stage1_wall_time_s=elapsed, stage1_checkpoint=str(stage1_from))
+    if stage1_from is not None:  # stage-II time starts now; stage I's is reported beside it, with how it ran
+        ran = {k: v for k, v in state.get("stage1_info", {}).items() if k in ("stage1_torch_threads", "stage1_compile")}
+        stage1_info = dict(stage1_key=stage1_key(cfg), stage1_wall_time_s=elapsed, stage1_checkpoint=str(stage1_from), **ran)
         elapsed = 0.0
     last_epoch = cfg.stage1_epochs if stage1_only else cfg.epochs
     steps = math.ceil(len(data.train) / cfg.batch_size) * (last_epoch - start_epoch)
     compiled, compile_reason = resolve_compile(cfg.compile, device, precision, steps)
     forward = compile_forward(model, device) if compiled else model  # the same parameters (risda.compile)
-    speed = dict(compile=compiled, compile_reason=compile_reason, torch_threads=torch.get_num_threads())
+    speed = dict(compile=compiled, compile_reason=compile_reason, torch_threads=threads)
 
     def extract(augment: bool = False, batch_stats: bool = False):
         generator = observe_generator(cfg, epoch, device) if augment or batch_stats else None
@@ -218,6 +253,11 @@ def train(cfg: Config, on_epoch: EpochCallback | None = None, resume_from: Path 
     with progress:
         for epoch in range(start_epoch, last_epoch):
             epoch_started = time.time()
+            n_threads = epoch_threads(cfg, epoch, threads)
+            if torch.get_num_threads() != n_threads:
+                torch.set_num_threads(n_threads)
+            if epoch < cfg.stage1_epochs:
+                record_stage1(stage1_info, epoch, torch_threads=n_threads, compile=compiled)
             lr = lr_at(cfg, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -265,7 +305,8 @@ def train(cfg: Config, on_epoch: EpochCallback | None = None, resume_from: Path 
 
     if stage1_only:
         return dict(stage1_key=stage1_key(cfg), checkpoint=str(out / "checkpoint.pt"), history=history,
-                    wall_time_s=time.time() - started, train_size=len(data.train), precision=precision, **speed)
+                    wall_time_s=time.time() - started, train_size=len(data.train), precision=precision, **speed,
+                    **stage1_info)
     summary = summarize(cfg, data, history, device, time.time() - started, precision)
     summary.update(stage1_info, **speed)
     tuned = lambda o: tune_adjustment(model, data, groups, autocast, o) if data.val is not None else {}

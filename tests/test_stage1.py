@@ -22,7 +22,7 @@ CHANGED = dict(
     beta=0.3, head_count=4, head_min_count=50, cb_gamma=0.99, covariance="diag", graph_topk=3, eval_every=5,
     checkpoint_every=5, out="runs/other", resume=True, progress=False,
     graph_source="soft", graph_temperature=0.5, la_tau=0.5, ldam_max_margin=0.3, ldam_scale=10.0,
-    compile="on",
+    compile="on", threads=3, stage1_threads=2,
 )
 
 

@@ -22,7 +22,7 @@ sampler continues from its saved state. --restart starts over.
 
 Outputs in results/<name>/: trials.parquet (one row per trial, failed ones included),
 epochs.parquet (one row per trial per evaluated epoch), best.json (the best config; feed it
-to the ablation runner with --config).
+to the ablation runner with --config, or retrain the trial with `python -m risda.train --config`).
 """
 from __future__ import annotations
 
@@ -70,8 +70,13 @@ HEAD_SHARES = (0.1, 0.2, 0.3, 0.4)
 PAPER_HEAD_SHARE = 0.2  # 20 head classes of 100
 DEFAULT_VAL_PER_CLASS = 20  # ImageNet-LT has its own validation list and keeps 0
 IDENTITY_FILE = "risda_search.json"  # beside Ray's experiment state: what the experiment is
-# Run flags a trial controls itself (its own out dir, no progress bar, Tune's checkpoints).
-TRIAL_MANAGED = ("out", "resume", "progress")
+# Run flags a trial controls itself (its own out dir, no progress bar, Tune's checkpoints, the
+# threads of the CPUs Ray reserved).
+TRIAL_MANAGED = ("out", "resume", "progress", "threads", "stage1_threads")
+# How the best trial ran, beside its config in best.json (`python -m risda.train --config best.json`
+# replays it with them): fp32 rounding on a CPU depends on the thread count, and a shared stage I
+# (risda.runner.stage1) may have had more CPUs than the stage-II trials.
+RAN_WITH = ("torch_threads", "compile", "stage1_torch_threads", "stage1_compile")
 
 
 # --- the search space --------------------------------------------------------------------------
@@ -386,10 +391,12 @@ def write_results(grid, out: Path, params: list[str], info: dict, stage1=None) -
         best_path.unlink(missing_ok=True)
         return trials, None
     ok = trials[trials["completed"] & (trials["status"] == "TERMINATED")]
+    summary = json.loads(best["summary"]) if isinstance(best.get("summary"), str) else {}
     best_json = {
         "config": json.loads(best["config"]), "params": {p: _plain(best[p]) for p in params},
         "metric": METRIC, "value": _plain(best[f"final_{METRIC}"]), "completed": True,
         "trial_id": best["trial_id"], **{k: _plain(best[f"final_{k}"]) for k in error_names("test_")},
+        "stage1_key": _plain(best.get("stage1_key")), **{k: _plain(summary.get(k)) for k in RAN_WITH},
         "trials_completed": int(len(ok)), "trials_requested": info["num_samples"],
         "trials_failed": int((trials["status"] == "ERROR").sum()), **info}
     tmp = out / "best.json.tmp"

@@ -94,10 +94,11 @@ def ensure_stage1(configs: list[Config], cache_root: str, storage_root: str, nam
         info = cache.lookup(cfg, obs)
         rows.append(dict(stage1_key=key, status="ok" if info else "failed", trained_now=key in missing,
                          observations=obs, epochs=cfg.resolved().stage1_epochs,
-                         wall_time_s=(info or {}).get("wall_time_s"), error=None if info else errors.get(key, "missing"),
+                         wall_time_s=(info or {}).get("wall_time_s"), torch_threads=(info or {}).get("torch_threads"),
+                         compile=(info or {}).get("compile"), error=None if info else errors.get(key, "missing"),
                          entry=cache.entry(key)))
     table = pd.DataFrame(rows, columns=["stage1_key", "status", "trained_now", "observations", "epochs", "wall_time_s",
-                                        "error", "entry"])
+                                        "torch_threads", "compile", "error", "entry"])
     failed = table[table.status != "ok"]
     if len(failed) and not errors:
         raise Stage1Interrupted(f"{len(failed)} of {len(table)} shared stage I(s) unfinished; their progress is in "

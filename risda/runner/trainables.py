@@ -115,8 +115,11 @@ def train_stage1_trial(config: dict) -> None:
             with reporting_divergence(facts):  # a diverged stage I is not retried (risda.runner.retry)
                 done = train(cfg, on_epoch=on_epoch, resume_from=resume_from, stage1_only=True,
                              observe_reference=observations, data=trial_data(cfg))
+            # How it ran (threads, compile) is also in the checkpoint, whence every fork's summary has it.
             cache.store(cfg, Path(done["checkpoint"]), {"observations": observations, "wall_time_s": done["wall_time_s"],
                                                         "precision": done["precision"], "device": facts["device"],
+                                                        "torch_threads": done.get("stage1_torch_threads"),
+                                                        "compile": done.get("stage1_compile"),
                                                         "epochs": cfg.resolved().stage1_epochs, "train_size": done["train_size"],
                                                         "trial_id": tune.get_context().get_trial_id()})
             storage.delete_file(partial)
@@ -194,10 +197,12 @@ def trial_config(config: dict, out: Path) -> Config:
     """The Config a trial runs: the given fields, with the run-local ones set for Tune.
 
     out is the trial's scratch directory; progress bars are off; the device is the one Ray
-    assigned (see `trial_device`)."""
+    assigned (see `trial_device`); the threads are the CPUs Ray reserved (`set_torch_threads`;
+    the summary records them)."""
     cfg = Config.from_dict(config)
     cfg.out = str(out)
     cfg.progress, cfg.resume = False, False
+    cfg.threads, cfg.stage1_threads = None, None
     cfg.device = trial_device(cfg.device)
     return cfg.validate()
 

@@ -47,8 +47,9 @@ from .tables import (FAILED, NOT_RUN, OK, collate_runs, failure_lines, latex_tab
 
 # A tiny run checkpoints every few seconds; Ray warns about it on every trial.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-# Trainer flags that the ablation runner owns: the grid axes have list flags, Ray places outputs.
-SKIP_FLAGS = ("arm", "imbalance", "seed", "out", "resume", "progress")
+# Trainer flags that the ablation runner owns: the grid axes have list flags, Ray places outputs and
+# sets the threads (the CPUs it reserved).
+SKIP_FLAGS = ("arm", "imbalance", "seed", "out", "resume", "progress", "threads", "stage1_threads")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -114,3 +114,15 @@ def test_a_real_run_logs_each_epoch(tiny_config, capsys):
     assert main(flags + ["--no-progress", "--log-every", "60"]) == 0
     err = capsys.readouterr().err
     assert "stage I epoch 1/2" in err and "stage II epoch 2/2" in err and "test " in err
+
+
+def test_a_driver_console_without_a_terminal_writes_one_line_per_message():
+    from risda.runner.progress import driver_console
+    console = driver_console()  # pytest captures stdout: not a terminal, as in a batch job's log
+    assert not console.is_terminal
+    with console.capture() as cap:
+        console.log("data: " + "x" * 300)
+        console.print("error: " + "y" * 300)
+    lines = cap.get().splitlines()
+    assert len(lines) == 2, lines  # neither wrapped at 80 columns
+    assert lines[0].rstrip().endswith("x" * 300)  # no `progress.py:NN` source suffix after the message

@@ -108,13 +108,27 @@ def _score(v) -> str:
     return EMPTY if is_empty(v) else _fmt(v)
 
 
+def driver_console(stderr: bool = False):
+    """The driver's rich console. In a terminal, rich's own; in a log file or a pipe, one line per
+    message: nothing wrapped at 80 columns, `log` as `HH:MM:SS message` like the plain progress
+    lines (no source file and line after it), tables 160 columns wide. A batch job's log reads,
+    and greps, line by line."""
+    from rich.console import Console
+
+    class LogFileConsole(Console):
+        def log(self, *objects, **_):
+            self.print(time.strftime("%H:%M:%S"), *objects, soft_wrap=True)
+
+    console = Console(stderr=stderr)
+    if console.is_terminal:
+        return console
+    return LogFileConsole(stderr=stderr, width=max(console.width, 160), soft_wrap=True)
+
+
 def print_top(trials, metric: str = "val_error", params=(), n: int = 10, title: str = "top trials") -> None:
     """A rich table of the n best trials by final `metric`, failed trials counted below it."""
-    from rich.console import Console
     from rich.table import Table
-    console = Console()
-    if not console.is_terminal:  # a log file: don't squeeze the table into 80 columns
-        console.width = 150
+    console = driver_console()
     if not len(trials):
         console.print("no trials")
         return

@@ -57,7 +57,7 @@ from .collate import RESULTS_INTACT, Outcome, best_trial, collate, write_parquet
 from .datacheck import check_data, checkable
 from .exits import failure_exit
 from .lock import hold_experiment
-from .progress import RichProgress, print_top
+from .progress import RichProgress, driver_console, print_top
 from .retry import NoRetryWhenDiverged, max_failures
 from .stage1 import Stage1Failed, Stage1Interrupted, describe_stage1, ensure_stage1, stage1_cache_root
 from .trainables import STAGE1_CACHE_KEY, absolute_paths, train_trial, trial_dirname
@@ -420,8 +420,7 @@ def main(argv=None, trainable=None) -> int:
     Exit codes: 0 every requested trial finished (ran its epochs, or ASHA stopped it); 1 some
     failed or are unfinished (the message says how many); 2 bad input; 130 interrupted (the
     state is saved: rerun the same command)."""
-    from rich.console import Console
-    console = Console(stderr=True)
+    console = driver_console(stderr=True)
     # Tune warns when checkpoints force frequent state snapshots: they are what make resuming exact.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Trials report every epoch; the metric only on evaluated ones.

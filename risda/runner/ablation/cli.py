@@ -35,6 +35,7 @@ from ..datacheck import check_cells_data
 from ..exits import failure_exit
 from ..lock import hold_experiment
 from ..retry import max_failures
+from ..progress import driver_console
 from ..provenance import ablation_command, code_state
 from ..stage1 import Stage1Failed, Stage1Interrupted, describe_stage1, stage1_cache_root
 from ..trainables import absolute_paths
@@ -142,10 +143,7 @@ def check_same_plan(plan, storage, name):
 
 
 def main(argv=None) -> int:
-    from rich.console import Console
-    console = Console()
-    if not console.is_terminal:  # logs and pipes: keep the paper-layout table on one line per row
-        console = Console(width=max(console.width, 160))
+    console = driver_console()  # logs and pipes: one line per message, the paper-layout table one line per row
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)

@@ -30,3 +30,14 @@ def tiny_config(cifar10_root, tmp_path):
         fields.update(overrides)
         return Config(**fields)
     return make
+
+
+@pytest.fixture
+def local_ray():
+    """An embedded Ray with two CPUs for a test's drivers, always shut down."""
+    import ray
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="warning")
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -8,7 +8,6 @@ import json
 
 import pandas as pd
 import pytest
-import ray
 import torch
 
 from risda.config import Config
@@ -136,18 +135,9 @@ def test_the_trainer_runs_each_stage_on_its_threads_and_records_them(tiny_config
 
 
 # --- a search, then its best trial by hand -------------------------------------------------------
-@pytest.fixture
-def two_cpu_ray():
-    """Two CPUs: the shared stage I alone takes both (2 threads), the stage-II trials one each."""
-    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="warning")
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 @pytest.mark.slow
-def test_the_best_trial_replayed_by_hand_gives_its_numbers_exactly(cifar10_root, tmp_path, two_cpu_ray, capsys):
+def test_the_best_trial_replayed_by_hand_gives_its_numbers_exactly(cifar10_root, tmp_path, local_ray, capsys):
+    # local_ray has two CPUs: the shared stage I alone takes both (2 threads), the stage-II trials one each
     name = "replay"
     argv = tiny_argv(cifar10_root, tmp_path, name, "--num-samples", "1", "--max-concurrent", "1", "--scheduler", "none",
                      "--precision", "fp32", "--device", "cpu")

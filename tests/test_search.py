@@ -43,15 +43,6 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 @pytest.fixture
-def local_ray():
-    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="warning")
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-@pytest.fixture
 def gpu_ray():
     """Four logical CPUs and one logical GPU: no real GPU needed for Ray's bookkeeping."""
     ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, logging_level="warning")

@@ -39,7 +39,7 @@ from ..progress import driver_console
 from ..provenance import ablation_command, code_state
 from ..stage1 import Stage1Failed, Stage1Interrupted, describe_stage1, stage1_cache_root
 from ..trainables import absolute_paths
-from .experiment import load_results, run_experiment, saved_plan, trials_from_grid
+from .experiment import load_results, run_experiment, saved_plan, training_plan, trials_from_grid
 from .figures import plot_study
 from .spec import (DEFAULT_SPEC, apply_overrides, axis_label, expand, list_specs, load_spec, make_plan, parse_list,
                    merge_plans, plan_differences, read_best, value_label)
@@ -136,7 +136,7 @@ def check_same_plan(plan, storage, name):
     old = saved_plan(storage, name)
     if old is None or not tune.Tuner.can_restore(experiment_uri(storage, name)):
         return
-    diffs = plan_differences(old, plan)
+    diffs = plan_differences(old, training_plan(plan))  # saved without the derived arms' cells
     if diffs:
         raise ConfigError(f"the Ray experiment {experiment_uri(storage, name)} was started from a different plan ("
                           + "; ".join(diffs) + "): pass --restart to discard it and start over, or --name NEW for a new experiment")

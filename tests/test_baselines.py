@@ -156,6 +156,29 @@ def test_posthoc_cells_train_nothing_and_come_back_from_the_ce_cell():
     assert out[1]["result"]["test_error"] == 40.0 and out[1]["result"]["epochs_run"] == 0 and out[1]["status"] == "TERMINATED"
 
 
+def test_an_experiment_with_a_derived_arm_resumes_under_the_same_command(tmp_path, monkeypatch):
+    """The Ray experiment keeps the training plan (no post-hoc cells); rerunning the command that
+    started it continues it, and a different arm list is still refused."""
+    from ray import tune
+
+    from risda.config import ConfigError
+    from risda.runner.ablation import cli
+    from risda.runner.ablation.experiment import training_plan
+    from risda.runner.ablation.spec import apply_overrides, expand, load_spec, make_plan
+
+    def plan(arms):
+        spec, flags, notes = apply_overrides(load_spec("cifar10lt_reduced"), {"arm": arms, "seed": [0]}, {})
+        cells, more = expand(spec, flags, None)
+        return make_plan(spec, cells, notes + more)
+
+    saved = training_plan(plan(["ce", "ce_posthoc_la", "risda"]))
+    monkeypatch.setattr(cli, "saved_plan", lambda storage, name: saved)
+    monkeypatch.setattr(tune.Tuner, "can_restore", staticmethod(lambda path: True))
+    cli.check_same_plan(plan(["ce", "ce_posthoc_la", "risda"]), str(tmp_path), "a-s0")  # the same command: continues
+    with pytest.raises(ConfigError, match="different plan"):
+        cli.check_same_plan(plan(["ce", "ce_posthoc_la", "risda", "cov_only"]), str(tmp_path), "a-s0")
+
+
 @pytest.mark.slow
 def test_a_ce_run_records_posthoc_la_from_its_own_logits(tiny_config, tmp_path):
     from risda.data import load_long_tail

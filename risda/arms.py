@@ -61,7 +61,7 @@ ARMS: dict[str, Arm] = {
     "ce_posthoc_la": Arm(PosthocLogitAdjusted, "CE + post-hoc LA (τ=1)", derived_from="ce", fields=("la_tau",),
                          published=("Logit adjustment, post-hoc",)),
     "la_loss": Arm(LogitAdjustedLoss, "LA loss (τ=1) = Balanced Softmax", stage1="own", stage1_name="la_loss",
-                   stage1_fields=("la_tau",), fields=("la_tau",), published=("Logit-adjusted loss",)),
+                   stage1_fields=("la_tau",), fields=("la_tau",), published=("Logit-adjusted loss", "Balanced Softmax")),  # the same loss at τ = 1
     "balanced_softmax": Arm(LogitAdjustedLoss, "Balanced Softmax", stage1="own", stage1_name="la_loss",
                             stage1_fields=("la_tau",), fields=("la_tau",), fixed={"la_tau": 1.0}, fixed_as="la_loss",
                             published=("Balanced Softmax",)),

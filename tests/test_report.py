@@ -204,3 +204,36 @@ def test_cli_is_thin(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "ablations" / "report.py"), "--help"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--results" in done.stdout, done.stderr
+
+
+def test_paired_differences_are_per_seed_and_say_which_keep_their_sign():
+    """RISDA − each comparison, per seed, against numpy; the sentences follow the signs."""
+    import numpy as np
+
+    from risda.runner.evidence import paired_table
+    from risda.runner.evidence import finished
+
+    rng = np.random.default_rng(0)
+    cells = [("risda", "paper", None), ("no_reasoning", "paper", None), ("risda", "reference", None),
+             ("risda", "paper", "prototype"), ("ce", "paper", None)]
+    errors = {c: rng.uniform(40, 50, size=3) for c in cells}
+    errors[("no_reasoning", "paper", None)] = errors[("risda", "paper", None)] + [1.0, 0.5, 2.0]  # RISDA lower at every seed
+    errors[("ce", "paper", None)] = errors[("risda", "paper", None)] + [1.0, -0.5, 2.0]  # changes sign
+    rows = []
+    for (arm, variant, source), e in errors.items():
+        for seed in range(3):
+            rows.append(dict(arm=arm, variant=variant, graph_source=source, seed=seed, status="ok",
+                             config=json.dumps({"precision": "bf16"}), test_error=e[seed], test_error_at_best_val=e[seed] + 1,
+                             best_test_error=e[seed] - 1, few_error=2 * e[seed]))
+    rows.append(dict(rows[0], status="failed", test_error=99.0))  # a failed run never enters a pair
+    lines, words = paired_table(finished(pd.DataFrame(rows)))
+    by_name = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:]}
+    d = errors[("risda", "paper", None)] - errors[("no_reasoning", "paper", None)]
+    row = by_name["RISDA − w/o r (no reasoning)"]
+    assert f"**{d.mean():+.2f}** ± {d.std(ddof=1):.2f}" in row and ", ".join(f"{v:+.2f}" for v in d) in row
+    d_ref = errors[("risda", "reference", None)] - errors[("risda", "paper", None)]
+    assert f"**{d_ref.mean():+.2f}** ± {d_ref.std(ddof=1):.2f}" in by_name["RISDA (reference) − RISDA"]
+    assert "RISDA, prototype graph − RISDA" in by_name and "RISDA − CE" in by_name
+    said = {w.split(":")[0].lstrip("- "): w for w in words}
+    assert "keeps its sign" in said["RISDA − w/o r (no reasoning)"] and "lower at all 3 seeds" in said["RISDA − w/o r (no reasoning)"]
+    assert "(a) last" not in said["RISDA − CE"]  # +1.0, −0.5, +2.0 flips in the last-epoch column

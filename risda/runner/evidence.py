@@ -50,10 +50,11 @@ def finished(runs: pd.DataFrame) -> pd.DataFrame:
 
 def pairs(ok: pd.DataFrame) -> list[tuple[tuple, tuple]]:
     """The comparisons the report makes, where both sides ran: RISDA − its ablations and CE-DRW,
-    each graph source − confusion, RISDA − each baseline."""
+    each graph source − confusion, the reference variant − the paper's, RISDA − each baseline."""
     have = set(ok.cell_id)
     wanted = [(RISDA, (a, "paper", "confusion")) for a in ("no_reasoning", "cov_only", "ce_drw")]
     wanted += [(("risda", "paper", s), RISDA) for s in sorted({c[2] for c in have if c[0] == "risda"} - {"confusion"})]
+    wanted += [(("risda", "reference", "confusion"), RISDA)]  # the authors' released code against the paper's text
     wanted += [(RISDA, (b, "paper", "confusion")) for b in BASELINES if b != "ce_drw"]
     return [(a, b) for a, b in wanted if a in have and b in have]
 

@@ -301,6 +301,11 @@ def protocol_rows(plan: dict, runs: pd.DataFrame) -> list[tuple[str, str]]:
         ("batch, lr, momentum, weight decay", _join(f"{c['batch_size']}, {c['lr']:g}, {c['momentum']:g}, {c['weight_decay']:g}" for c in cells)),
         ("lr milestones (×decay), warm-up epochs", _join(f"{list(c.get('lr_milestones') or [])} (×{c['lr_decay']:g}), {c.get('warmup_epochs')}" for c in cells)),
         ("model, precision", _join(f"{c['model']}, {c['precision']}" for c in cells)),
+        ("as run: precision, torch threads (stage II; stage I), compile",
+         f"{', '.join(_values(runs, 'precision')) or 'not recorded'}; "
+         f"{', '.join(_values(runs, 'torch_threads')) or 'not recorded'}; "
+         f"{', '.join(_values(runs, 'stage1_torch_threads')) or 'stage I threads not recorded'}; "
+         f"{', '.join(_values(runs, 'compile')) or 'not recorded'}"),
     ]
     return rows
 

@@ -84,9 +84,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
             # that listens on loopback only (init_ray's own, below) does not answer.
             with loopback_node_ip() if on_loopback else contextlib.nullcontext():
                 ray.init(address=address, **options)
-        except ConnectionError as e:  # something answers there, but not a Ray cluster
+        except ConnectionError as e:  # something answers there, but not a Ray cluster (or not to us)
+            token = ("" if os.environ.get("RAY_AUTH_MODE") == "token" else
+                     "; a head that uses token authentication (Ray >= 2.59 says so when it starts) refuses drivers "
+                     "without RAY_AUTH_MODE=token and its token (~/.ray/auth_token or RAY_AUTH_TOKEN)")
             raise ConfigError(f"{e}: is a Ray head node (`ray start --head`) running at {address}? "
-                              f"Fix --address / RAY_ADDRESS, or drop it to run on an embedded local Ray") from None
+                              f"Fix --address / RAY_ADDRESS, or drop it to run on an embedded local Ray{token}") from None
     else:
         # "local" and not None: None would attach to a cluster someone `ray start`ed here.
         options.setdefault("dashboard_host", LOOPBACK)

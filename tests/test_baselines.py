@@ -156,9 +156,11 @@ def test_posthoc_cells_train_nothing_and_come_back_from_the_ce_cell():
     assert out[1]["result"]["test_error"] == 40.0 and out[1]["result"]["epochs_run"] == 0 and out[1]["status"] == "TERMINATED"
 
 
-def test_an_experiment_with_a_derived_arm_resumes_under_the_same_command(tmp_path, monkeypatch):
-    """The Ray experiment keeps the training plan (no post-hoc cells); rerunning the command that
-    started it continues it, and a different arm list is still refused."""
+@pytest.mark.parametrize("saved_form", ["full", "training"])
+def test_an_experiment_with_a_derived_arm_resumes_under_the_same_command(saved_form, tmp_path, monkeypatch):
+    """The copy of the plan beside the Ray experiment has the post-hoc cells (older copies: the
+    training plan, without them); rerunning the command that started it continues it either way,
+    and a different arm list is still refused."""
     from ray import tune
 
     from risda.config import ConfigError
@@ -171,7 +173,8 @@ def test_an_experiment_with_a_derived_arm_resumes_under_the_same_command(tmp_pat
         cells, more = expand(spec, flags, None)
         return make_plan(spec, cells, notes + more)
 
-    saved = training_plan(plan(["ce", "ce_posthoc_la", "risda"]))
+    saved = plan(["ce", "ce_posthoc_la", "risda"])
+    saved = training_plan(saved) if saved_form == "training" else saved
     monkeypatch.setattr(cli, "saved_plan", lambda storage, name: saved)
     monkeypatch.setattr(tune.Tuner, "can_restore", staticmethod(lambda path: True))
     cli.check_same_plan(plan(["ce", "ce_posthoc_la", "risda"]), str(tmp_path), "a-s0")  # the same command: continues

@@ -136,7 +136,7 @@ def check_same_plan(plan, storage, name):
     old = saved_plan(storage, name)
     if old is None or not tune.Tuner.can_restore(experiment_uri(storage, name)):
         return
-    diffs = plan_differences(old, training_plan(plan))  # saved without the derived arms' cells
+    diffs = plan_differences(training_plan(old), training_plan(plan))  # derived cells train nothing (older copies lack them)
     if diffs:
         raise ConfigError(f"the Ray experiment {experiment_uri(storage, name)} was started from a different plan ("
                           + "; ".join(diffs) + "): pass --restart to discard it and start over, or --name NEW for a new experiment")

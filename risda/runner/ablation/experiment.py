@@ -75,7 +75,7 @@ def run_experiment(plan: dict, storage: str, name: str, cpus_per_trial: float, g
     interrupted experiment (finished trials kept, unfinished ones resumed from their
     checkpoints, failed ones only with retry_errored; --restart starts over)."""
     path = experiment_uri(storage, name)
-    plan = training_plan(plan)
+    full, plan = plan, training_plan(plan)
     resources = trial_resources(cpus_per_trial, gpus_per_trial)
     train = tune.with_resources(train_trial, resources)
     axes = plan["axes"]
@@ -97,7 +97,7 @@ def run_experiment(plan: dict, storage: str, name: str, cpus_per_trial: float, g
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
 
     tuner, restored = restore_or_new_tuner(path, train, new_tuner, restart=restart, retry_errored=retry_errored)
-    write_text(f"{path}/{PLAN_FILE}", json.dumps(plan, indent=1))
+    write_text(f"{path}/{PLAN_FILE}", json.dumps(full, indent=1))  # with the derived cells: --merge collates them
     return remove_trial_scratch(tuner.fit()), restored, stage1
 
 

@@ -243,6 +243,11 @@ def run_held(args, console, argv, held: contextlib.ExitStack) -> int:
         epochs = pd.concat(epochs, ignore_index=True)
         results_dir.mkdir(parents=True, exist_ok=True)
         (results_dir / "plan.json").write_text(json.dumps(plan, indent=1))
+        if merge:  # the merged experiments' stage-I accounting, for the report's compute section
+            stage1 = [pd.read_parquet(p).assign(experiment=n) for n in merge
+                      if (p := Path(args.results) / n / "stage1.parquet").is_file()]
+            if stage1:
+                write_parquet(pd.concat(stage1, ignore_index=True), results_dir / "stage1.parquet")
     else:
         if not args.restart:
             check_same_plan(plan, storage, name)

@@ -404,3 +404,14 @@ def test_a_failing_cell_is_reported_as_failed(cifar10_root, tmp_path, ray_local,
                      "--name", "fails"]) == 1
     again = pd.read_parquet(results / "runs.parquet")
     assert again[again.lr == 1e6].iloc[0].status == FAILED and "diverged" in again[again.lr == 1e6].iloc[0].error
+
+
+def test_a_collation_shows_the_published_rows_of_today_s_spec():
+    """Rows added to a bundled spec after an experiment ran appear when it is collated again; a
+    spec that is not bundled keeps the rows its plan recorded."""
+    plan = plan_for("cifar10lt_reduced")
+    plan["spec"]["paper_numbers"] = {"cifar10lt": []}  # as recorded before the rows were added
+    methods = {r["method"] for r in run.published_now(plan)["cifar10lt"]}
+    assert {"Logit-adjusted loss", "Balanced Softmax", "Logit adjustment, post-hoc", "LDAM-DRW"} <= methods
+    plan["spec"]["name"] = "my_own_spec"
+    assert run.published_now(plan) == {"cifar10lt": []}

@@ -188,6 +188,13 @@ def experiment_plan(results_dir: Path, storage: str, name: str) -> dict:
     return plan
 
 
+def published_now(plan: dict) -> dict:
+    """The published rows a collation shows: the literature's numbers, not the run's, so a bundled
+    spec's rows as they are today (added or corrected since the run), else the recorded ones."""
+    name = plan["spec"]["name"]
+    return load_spec(name).paper_numbers if name in list_specs() else plan["spec"].get("paper_numbers", {})
+
+
 def run(args, console, argv=()) -> int:
     """The study: plan, train (one driver per experiment: risda.runner.lock), collate."""
     with contextlib.ExitStack() as held:
@@ -211,6 +218,8 @@ def run_held(args, console, argv, held: contextlib.ExitStack) -> int:
         plan["commands"] = [ablation_command(p["argv"]) for p in plans.values() if p.get("argv")] + [ablation_command(argv)]
     elif args.collate_only:  # the plan the experiment was run with, not today's flags
         plan = recorded_plan(results_dir, storage, name) or plan
+    if args.collate_only:
+        plan["spec"]["paper_numbers"] = published_now(plan)
     if args.collate_only and args.metric:
         plan["spec"]["metric"] = args.metric
     metric = plan["spec"]["metric"]

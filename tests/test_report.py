@@ -237,3 +237,14 @@ def test_paired_differences_are_per_seed_and_say_which_keep_their_sign():
     said = {w.split(":")[0].lstrip("- "): w for w in words}
     assert "keeps its sign" in said["RISDA − w/o r (no reasoning)"] and "lower at all 3 seeds" in said["RISDA − w/o r (no reasoning)"]
     assert "(a) last" not in said["RISDA − CE"]  # +1.0, −0.5, +2.0 flips in the last-epoch column
+
+
+def test_the_tuned_tau_of_post_hoc_la_is_reported_beside_tau_1():
+    from risda.runner.evidence import finished, tuned_tau_table
+
+    row = dict(arm="ce_posthoc_la", variant="paper", graph_source=None, seed=1, status="ok", config=json.dumps({"precision": "bf16"}),
+               test_error=46.89, few_error=71.6, tuned_tau=2.0, tuned_val_error=37.5, tuned_test_error=42.52,
+               tuned_test_many_error=36.82, tuned_test_medium_error=53.73, tuned_test_few_error=39.95)
+    other = dict(row, arm="ce", tuned_tau=float("nan"))
+    lines = tuned_tau_table(finished(pd.DataFrame([row, other])))
+    assert len(lines) == 3 and "| 1 | 46.89 / 71.60 | 2 | 37.50 | 42.52 / 36.82 / 53.73 / 39.95 |" in lines[2]

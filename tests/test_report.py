@@ -248,3 +248,12 @@ def test_the_tuned_tau_of_post_hoc_la_is_reported_beside_tau_1():
     other = dict(row, arm="ce", tuned_tau=float("nan"))
     lines = tuned_tau_table(finished(pd.DataFrame([row, other])))
     assert len(lines) == 3 and "| 1 | 46.89 / 71.60 | 2 | 37.50 | 42.52 / 36.82 / 53.73 / 39.95 |" in lines[2]
+
+
+def test_a_published_row_is_run_here_when_another_study_of_the_report_ran_its_arm():
+    spec, flags, notes = apply_overrides(load_spec("cifar10lt_reduced"), {"arm": ["risda"], "seed": [0]}, {})
+    cells, more = expand(spec, flags, None)
+    plan = make_plan(spec, cells, notes + more)
+    ldam = lambda lines: next(line for line in lines if line.startswith("| LDAM-DRW |"))
+    assert ldam(report.published_table(plan, 100.0)).endswith("| LDAM-DRW (not run here) |")
+    assert ldam(report.published_table(plan, 100.0, frozenset({"ldam_drw"}))).endswith("| LDAM-DRW |")

@@ -372,11 +372,12 @@ def main_table(plan: dict, rows: list[dict]) -> list[str]:
     return lines
 
 
-def published_table(plan: dict, lam: float | None) -> list[str]:
+def published_table(plan: dict, lam: float | None, also_arms: frozenset = frozenset()) -> list[str]:
+    """The spec's published rows; `also_arms`: arms run by the other studies of the same report."""
     spec, cells = plan["spec"], plan["cells"]
     dataset = cells[0]["config"]["dataset"]
     rows = published_rows(spec, dataset)
-    arms_run = {c["config"]["arm"] for c in cells}
+    arms_run = {c["config"]["arm"] for c in cells} | also_arms
     if lam is not None:
         rows = [r for r in rows if lam in r["errors"]]
     if not rows:
@@ -435,10 +436,11 @@ def render(out: Outputs, commands: list[str] | None = None, out_path: Path | Non
     md += [f"- **{SELECTION_LABELS[s]}**: {SELECTION_NOTES[s]}." for s in SELECTIONS]
     md += ["", "A cell is the mean ± std (sample std) over the seeds that finished; `seeds ok/planned` is n. "
                "FAILED / not run: no seed of that row finished; a row with some seeds missing says which.", ""]
-    md += results_tables(plan, summary)
+    md += results_tables(plan, summary, also_arms=frozenset(c["config"]["arm"] for o in extras or [] for c in o.plan["cells"]))
     for extra in extras or []:
         md += [f"### Also: {extra.plan['spec'].get('title') or extra.plan['spec'].get('name')} (`{extra.results}`)", "",
-               "The same protocol and the same stage I; its own cells:", "",
+               "The same protocol and data, each cell on the stage I its arm declares (the shared CE one, or the "
+               "arm's own); its own cells:", "",
                *results_tables(extra.plan, extra.summary, published=False)]
         runs = pd.concat([runs, extra.runs], ignore_index=True)
         bad = runs[runs.status != OK]
@@ -449,7 +451,7 @@ def render(out: Outputs, commands: list[str] | None = None, out_path: Path | Non
     return _rest(md, out, plan, runs, bad, title, out_path)
 
 
-def results_tables(plan: dict, summary: pd.DataFrame, published: bool = True) -> list[str]:
+def results_tables(plan: dict, summary: pd.DataFrame, published: bool = True, also_arms: frozenset = frozenset()) -> list[str]:
     md = []
     for key, rows in sections(plan, summary):
         if key:
@@ -457,14 +459,14 @@ def results_tables(plan: dict, summary: pd.DataFrame, published: bool = True) ->
         md += main_table(plan, rows) + [""]
         lams = {c["config"]["imbalance"] for c in plan["cells"]}
         lam = key.get("imbalance", next(iter(lams)) if len(lams) == 1 else None)
-        pub = published_table(plan, lam) if lam is not None and published else []
+        pub = published_table(plan, lam, also_arms) if lam is not None and published else []
         if pub:
             md += ["Published, beside it (overall top-1 error as printed in the named source, not run here; "
                    "the RISDA authors' released code reports the best test error over all epochs, i.e. column (c)):", "",
                    *pub, ""]
     if published and not any("imbalance" in k for k, _ in sections(plan, summary)) \
             and len({c["config"]["imbalance"] for c in plan["cells"]}) > 1:
-        pub = published_table(plan, None)
+        pub = published_table(plan, None, also_arms)
         if pub:
             md += ["### Published numbers", "", *pub, ""]
     return md

@@ -170,7 +170,7 @@ def compute_lines(results_dirs: list[Path], runs: pd.DataFrame) -> list[str]:
 
 def tuned_tau_table(ok: pd.DataFrame) -> list[str]:
     """Post-hoc LA at τ = 1 beside its τ chosen on the validation split alone (risda.trainer.tune_adjustment)."""
-    rows = ok[ok.tuned_tau.notna()] if "tuned_tau" in ok else ok.iloc[:0]
+    rows = ok[ok.tuned_tau.notna()] if "tuned_tau" in ok else []
     if not len(rows):
         return []
     lines = ["| cell | seed | test error at τ = 1 (all / few) | τ chosen on validation | its validation error | "

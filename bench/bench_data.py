@@ -11,10 +11,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from risda.augment import CIFAR_MEAN, CIFAR_STD
-from risda.config import Config
-from risda.data import load_long_tail
-from risda.models import resnet32
+from risda.trainer.augment import CIFAR_MEAN, CIFAR_STD
+from risda.trainer.config import Config
+from risda.trainer.data import load_long_tail
+from risda.trainer.models import resnet32
 
 
 def torchvision_loader(cfg, batch_size, workers):
@@ -61,7 +61,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     cfg = Config(dataset="cifar10lt", data_root=args.data_root, imbalance=1, device="cpu").resolved()
-    data = load_long_tail(cfg, torch.device("cpu"))
+    data = load_long_tail(cfg.resolved(), torch.device("cpu"))
     model = resnet32(10)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     ours = in_memory(data.train, args.batch_size)

@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from risda.loss import augmented_logits
+from risda.method.loss import augmented_logits
 
 GB = 1024 ** 3
 
@@ -124,10 +124,10 @@ def part_a(C, D, N, device):
 
 
 def part_b(device, reps):
-    from risda.config import Config
-    from risda.data import long_tail_counts
-    from risda.trainer import make_objective
-    from risda.models import resnet32
+    from risda.trainer.config import Config
+    from risda.trainer.data import long_tail_counts
+    from risda.trainer.loop import make_objective
+    from risda.trainer.models import resnet32
 
     dev = torch.device(device)
     counts = long_tail_counts(500, 100, 100.0)

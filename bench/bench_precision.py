@@ -1,5 +1,5 @@
 """fp32 against bf16 autocast for ResNet-32 training steps, side by side in one run (a script,
-not a test), and whether `--precision auto` (risda.precision.resolve_precision) picks the
+not a test), and whether `--precision auto` (risda.trainer.precision.resolve_precision) picks the
 faster of the two on this machine.
 
 Each step is a training step as the trainer runs it: forward under the precision's autocast,
@@ -26,8 +26,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from risda.models import build_model
-from risda.precision import bf16_is_fast, cpu_flags, resolve_precision
+from risda.trainer.models import build_model
+from risda.trainer.precision import bf16_is_fast, cpu_flags, resolve_precision
 
 PRECISIONS = ("fp32", "bf16")
 

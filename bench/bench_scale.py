@@ -38,9 +38,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from risda.config import Config
-from risda.trainer import make_objective
-from risda.stats import ClassStatistics
+from risda.trainer.config import Config
+from risda.trainer.loop import make_objective
+from risda.method.stats import ClassStatistics
 from bench_method import peak_rss_bytes, rss_bytes  # the script's folder is on sys.path
 
 GIB = 1024 ** 3
@@ -135,10 +135,11 @@ def worker(scale, form, topk, reps, device, seed=0):
     if form != "ce":
         setup_cfg = dataclasses.replace(cfg, covariance="diag") if shared else cfg
         objective = make_objective(setup_cfg, counts, D, dev)
-        objective.prepare(*(t.to(dev) for t in synthetic_pass(C, D, SAMPLES_PER_CLASS[scale], g)))
+        features, predictions, labels = (t.to(dev) for t in synthetic_pass(C, D, SAMPLES_PER_CLASS[scale], g))
+        objective.risda.prepare(features, None, labels, predictions=predictions)
         if shared:
-            objective.stats = SharedFullStatistics(C, D, dev)
-            objective.stats.count += torch.tensor(counts, device=dev)
+            objective.risda.stats = SharedFullStatistics(C, D, dev)
+            objective.risda.stats.count += torch.tensor(counts, device=dev)
     probs = torch.tensor(counts, dtype=torch.float)
     g = torch.Generator().manual_seed(seed + 1)  # the same batches for every form
     epoch = 180  # stage II, α and β at 0.9 of their value
@@ -161,7 +162,7 @@ def worker(scale, form, topk, reps, device, seed=0):
     step(8)  # first-call costs (allocator, kernels) on a small batch
     before = rss_bytes()
     times, present = zip(*(step(BATCH) for _ in range(reps)))
-    stats_bytes = full_bytes(C, D) if shared else (objective.stats.nbytes() if objective else 0)
+    stats_bytes = full_bytes(C, D) if shared else (objective.risda.stats.nbytes() if objective else 0)
     out = {"stats": stats_bytes, "ms": 1000 * statistics.median(times), "reps": reps, "classes_in_batch": present[0],
            "step_rss": max(0, peak_rss_bytes() - before) if dev.type == "cpu" else None}
     if dev.type == "cuda":
@@ -169,7 +170,7 @@ def worker(scale, form, topk, reps, device, seed=0):
     if shared:
         out["note"] = f"Σ stride-0, merge not timed: {full_bytes(C, D) / GIB:.1f} GiB > free memory"
     if objective is not None and objective.graph is not None and hasattr(objective.graph, "k") and form.startswith("lowrank"):
-        out["factor_columns"] = (objective.graph.k + 1) * objective.stats.rank
+        out["factor_columns"] = (objective.graph.k + 1) * objective.risda.stats.rank
     return out
 
 

@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from risda.models import build_model
-from risda.precision import cpu_flags, cpuinfo_flags, resolve_precision
+from risda.trainer.models import build_model
+from risda.trainer.precision import cpu_flags, cpuinfo_flags, resolve_precision
 
 BATCH, CLASSES = 100, 10
 FLOPS_FALLBACK = 0.43e9  # fwd+bwd FLOP per image, if FlopCounterMode fails (2 per multiply-add)

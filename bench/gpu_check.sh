@@ -97,9 +97,9 @@ time_epochs() {  # NAME EXTRA_FLAGS...: E epochs (stage II from E/2), per-epoch 
       --checkpoint-every 1 --no-progress "$@" <<'EOF' >"$WORK/time-$name.json" 2> >(tee -a "$LOG" >&2)
 import argparse, json, statistics, sys, time
 import torch
-from risda.config import Config, add_config_args, config_overrides
-from risda.data import load_long_tail
-from risda.trainer import pick_device, train
+from risda.trainer.config import Config, add_config_args, config_overrides
+from risda.trainer.data import load_long_tail
+from risda.trainer.loop import pick_device, train
 name, out, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 p = argparse.ArgumentParser(); add_config_args(p)
 cfg = Config(**config_overrides(p.parse_args(argv)), out=out).validate()

@@ -6,7 +6,7 @@ there into torchvision's CIFAR pickle folder, which `--dataset cifar10lt` reads 
     python -m risda.train --dataset cifar10lt --data-root /tmp/c10lt --imbalance 100 ...
 
 The pack holds the JPEG bytes (as they are in ../shared/data/cifar10-jpeg, ~0.9 kB each) of
-only the training images that risda.data's LDAM-DRW subsampling can pick for this imbalance
+only the training images that risda.trainer.data's LDAM-DRW subsampling can pick for this imbalance
 and subset seed with any --val-per-class up to --val-max, plus the test images. The unpacked
 folder has all 50,000 training slots in the JPEG tree's order (class by class, file name
 order), the unused ones black, so the trainer's own subsampling with the same --imbalance,
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from risda.data import list_image_tree, long_tail_counts, long_tail_indices
+from risda.trainer.data import list_image_tree, long_tail_counts, long_tail_indices
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def jpeg_blob(files) -> tuple[np.ndarray, np.ndarray]:
 
 
 def packed_positions(labels: np.ndarray, imbalance: float, n_max: int | None, seed: int, val_max: int) -> np.ndarray:
-    """Every training index risda.data can pick with --val-per-class 0..val_max: per class the
+    """Every training index risda.trainer.data can pick with --val-per-class 0..val_max: per class the
     first val_max + n_c of its seeded shuffle, n_c from the largest n_max any of them uses."""
     num_classes = int(labels.max()) + 1
     n_top = n_max if n_max is not None else int(np.bincount(labels).min())
@@ -73,7 +73,7 @@ def pack(src: Path, out: Path, imbalance: float, n_max: int | None, seed: int, v
 
 
 def decode(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """The same call risda.data.decode_images makes on each file's bytes -> N×3×32×32 uint8."""
+    """The same call risda.trainer.data.decode_images makes on each file's bytes -> N×3×32×32 uint8."""
     import torch
     from torchvision.io import ImageReadMode, decode_image
     out = np.empty((len(offsets) - 1, 3, 32, 32), dtype=np.uint8)
@@ -84,7 +84,7 @@ def decode(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 def check_covered(z, meta: dict, val_per_class: int, n_max: int | None) -> None:
-    """Raise unless risda.data's selection for these settings lies inside the pack."""
+    """Raise unless risda.trainer.data's selection for these settings lies inside the pack."""
     labels = z["train_labels"].astype(np.int64)
     if val_per_class > meta["val_max"]:
         raise SystemExit(f"the pack covers --val-per-class <= {meta['val_max']}, not {val_per_class}: repack with --val-max")

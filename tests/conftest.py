@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from risda.config import Config
+from risda.trainer.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10_JPEG = Path(os.environ.get("RISDA_CIFAR10_JPEG", REPO.parent / "shared" / "data" / "cifar10-jpeg"))

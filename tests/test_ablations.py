@@ -13,8 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from risda.config import ConfigError
-from risda.presets import TABLE2
+from risda.trainer.config import ConfigError
+from risda.trainer.presets import TABLE2
 from risda.runner.ablation import cli as run
 from risda.runner.ablation.spec import (DATA_FIELDS, apply_overrides, expand, list_specs, load_spec, make_plan, merge_plans, parse_spec,
                                         published_rows, read_best, table2)

@@ -1,4 +1,4 @@
-"""The field's baselines as arms (risda.arms): each loss against numpy, their stage-I keys, the
+"""The field's baselines as arms (risda.trainer.arms): each loss against numpy, their stage-I keys, the
 post-hoc arm that trains nothing, and an arm that is one entry."""
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from risda import arms
-from risda.arms import ARMS, Arm
-from risda.config import Config, ConfigError
-from risda.objectives import Objective
-from risda.stage1 import shares_stage1, stage1_key, stage1_training_config
-from risda.trainer import make_objective
+from risda.trainer import arms
+from risda.trainer.arms import ARMS, Arm
+from risda.trainer.config import Config, ConfigError
+from risda.trainer.objectives import Objective
+from risda.trainer.stage1 import shares_stage1, stage1_key, stage1_training_config
+from risda.trainer.loop import make_objective
 
 COUNTS = [500, 120, 30, 8, 3]
 C = len(COUNTS)
@@ -71,7 +71,7 @@ def test_deferred_la_is_ce_in_stage_1_and_the_la_loss_in_stage_2_on_the_shared_c
     want = np_ce(logits.double().numpy() + 1.5 * np.log(prior), labels.numpy())
     assert loss(obj, logits, labels, 8) == pytest.approx(want, rel=1e-5)  # stage II: epoch 8 of 10
     base = dict(subset_seed=0, pad_mode="zeros", warmup_epochs=5)
-    assert stage1_key(Config(arm="la_deferred", la_tau=1.5, **base)) == stage1_key(Config(arm="ce", **base))
+    assert stage1_key(Config(arm="la_deferred", la_tau=1.5, **base).resolved()) == stage1_key(Config(arm="ce", **base).resolved())
     assert ARMS["la_deferred"].label != ARMS["la_loss"].label and not ARMS["la_deferred"].published  # never relabelled
 
 
@@ -104,22 +104,22 @@ def test_posthoc_la_adjusts_only_the_evaluation():
 
 def test_ldam_and_la_stage1_are_keyed_apart_and_shared_by_stage2_fields():
     base = dict(subset_seed=0, pad_mode="zeros", warmup_epochs=5)
-    ce, ldam, la = (stage1_key(Config(arm=a, **base)) for a in ("ce", "ldam_drw", "la_loss"))
+    ce, ldam, la = (stage1_key(Config(arm=a, **base).resolved()) for a in ("ce", "ldam_drw", "la_loss"))
     assert len({ce, ldam, la}) == 3
-    assert stage1_key(Config(arm="risda", **base)) == stage1_key(Config(arm="ce_drw", **base)) == ce
+    assert stage1_key(Config(arm="risda", **base).resolved()) == stage1_key(Config(arm="ce_drw", **base).resolved()) == ce
     # two LDAM-DRW cells that differ only in a stage-II field share it; its own fields do not
-    assert stage1_key(Config(arm="ldam_drw", cb_gamma=0.999, **base)) == ldam
-    assert stage1_key(Config(arm="ldam_drw", ldam_scale=10.0, **base)) != ldam
-    assert stage1_key(Config(arm="la_loss", la_tau=2.0, **base)) != la
-    assert stage1_key(Config(arm="balanced_softmax", **base)) == la  # the same loss at τ = 1
+    assert stage1_key(Config(arm="ldam_drw", cb_gamma=0.999, **base).resolved()) == ldam
+    assert stage1_key(Config(arm="ldam_drw", ldam_scale=10.0, **base).resolved()) != ldam
+    assert stage1_key(Config(arm="la_loss", la_tau=2.0, **base).resolved()) != la
+    assert stage1_key(Config(arm="balanced_softmax", **base).resolved()) == la  # the same loss at τ = 1
     # an arm's own fields change no CE stage I
-    assert stage1_key(Config(arm="risda", la_tau=2.0, ldam_scale=10.0, **base)) == ce
-    assert stage1_training_config(Config(arm="ldam_drw", cb_gamma=0.99)).arm == "ldam_drw"
-    assert stage1_training_config(Config(arm="ldam_drw", cb_gamma=0.99)).cb_gamma == Config().cb_gamma
+    assert stage1_key(Config(arm="risda", la_tau=2.0, ldam_scale=10.0, **base).resolved()) == ce
+    assert stage1_training_config(Config(arm="ldam_drw", cb_gamma=0.99).resolved()).arm == "ldam_drw"
+    assert stage1_training_config(Config(arm="ldam_drw", cb_gamma=0.99).resolved()).cb_gamma == Config().cb_gamma
 
 
 def test_ldam_drw_trains_a_cosine_classifier(tmp_path):
-    from risda.models import NormedLinear, build_model
+    from risda.trainer.models import NormedLinear, build_model
     model = build_model("resnet32", C, ARMS["ldam_drw"].normed_classifier)
     assert isinstance(model.classifier, NormedLinear)
     _, z = model(torch.randn(3, 3, 32, 32))
@@ -137,7 +137,7 @@ def test_a_new_arm_is_one_entry(monkeypatch):
     monkeypatch.setitem(arms.ARMS, "dummy", Arm(Dummy, "Dummy (halved logits)"))
     cfg = Config(arm="dummy", epochs=10, stage1_epochs=8, device="cpu").validate()  # validation knows it
     assert isinstance(make_objective(cfg.resolved(), COUNTS, 4, torch.device("cpu")), Dummy)
-    assert shares_stage1(cfg) and stage1_key(cfg) == stage1_key(dataclasses.replace(cfg, arm="ce"))
+    assert shares_stage1(cfg.resolved()) and stage1_key(cfg.resolved()) == stage1_key(dataclasses.replace(cfg, arm="ce").resolved())
     from risda.runner.ablation import spec
     assert spec.value_label("arm", "dummy") == "Dummy (halved logits)"
 
@@ -163,7 +163,7 @@ def test_an_experiment_with_a_derived_arm_resumes_under_the_same_command(saved_f
     and a different arm list is still refused."""
     from ray import tune
 
-    from risda.config import ConfigError
+    from risda.trainer.config import ConfigError
     from risda.runner.ablation import cli
     from risda.runner.ablation.experiment import training_plan
     from risda.runner.ablation.spec import apply_overrides, expand, load_spec, make_plan
@@ -184,17 +184,17 @@ def test_an_experiment_with_a_derived_arm_resumes_under_the_same_command(saved_f
 
 @pytest.mark.slow
 def test_a_ce_run_records_posthoc_la_from_its_own_logits(tiny_config, tmp_path):
-    from risda.data import load_long_tail
-    from risda.evaluate import split_logits
+    from risda.trainer.data import load_long_tail
+    from risda.trainer.evaluate import split_logits
     from contextlib import nullcontext
 
-    from risda.trainer import train
+    from risda.trainer.loop import train
     cfg = tiny_config(arm="ce", epochs=2, val_per_class=5, out=str(tmp_path / "ce"))
     summary = train(cfg)
     posthoc = summary["derived"]["ce_posthoc_la"]
     assert posthoc["epochs_run"] == 0 and posthoc["derived_from"] == "ce"
     # the final model's logits, adjusted by hand in numpy
-    from risda.models import build_model
+    from risda.trainer.models import build_model
     data = load_long_tail(cfg.resolved(), torch.device("cpu"))
     model = build_model("resnet32", data.num_classes)
     model.load_state_dict(torch.load(tmp_path / "ce" / "checkpoint.pt", weights_only=True)["model"])

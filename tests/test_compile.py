@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from risda import compile as rc
-from risda.checkpoint import load_checkpoint, save_checkpoint
-from risda.config import Config, ConfigError
-from risda.models import build_model
-from risda.stage1 import stage1_key
-from risda.trainer import train
+from risda.trainer import compile as rc
+from risda.trainer.checkpoint import load_checkpoint, save_checkpoint
+from risda.trainer.config import Config, ConfigError
+from risda.trainer.models import build_model
+from risda.trainer.stage1 import stage1_key
+from risda.trainer.loop import train
 
 STEPS = 10          # SGD steps compared step by step
 LR = 0.01           # small enough that fp32 rounding is not amplified chaotically (at 0.1 on random labels it is)
@@ -60,8 +60,8 @@ def test_config_checks_compile_and_keeps_it_out_of_the_stage1_key():
     assert Config().compile == "auto"
     # like the thread count it changes fp32 rounding, not the computation (within the stated
     # tolerance), and "auto" is decided per host: a compiled and an eager stage I are one stage I
-    keys = {stage1_key(Config(compile=c)) for c in ("auto", "on", "off")}
-    assert keys == {stage1_key(Config())}
+    keys = {stage1_key(Config(compile=c).resolved()) for c in ("auto", "on", "off")}
+    assert keys == {stage1_key(Config().resolved())}
 
 
 def test_checkpoint_older_than_the_field_resumes(tmp_path):
@@ -70,9 +70,9 @@ def test_checkpoint_older_than_the_field_resumes(tmp_path):
     state = torch.load(path, weights_only=True)
     del state["config"]["compile"]  # as written before --compile existed
     torch.save(state, path)
-    assert load_checkpoint(path, Config())["epoch"] == 0
+    assert load_checkpoint(path, Config().resolved())["epoch"] == 0
     with pytest.raises(ConfigError, match="--compile: 'auto' -> 'on'"):
-        load_checkpoint(path, Config(compile="on"))
+        load_checkpoint(path, Config(compile="on").resolved())
 
 
 def sgd_losses(model, forward, batches) -> list[float]:

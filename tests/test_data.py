@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from risda.augment import CIFAR_MEAN, CIFAR_STD, normalize, random_crop_flip
-from risda.config import Config, ConfigError
-from risda.data import load_long_tail, long_tail_counts, long_tail_indices
-from risda.evaluate import shot_groups
+from risda.trainer.augment import CIFAR_MEAN, CIFAR_STD, normalize, random_crop_flip
+from risda.trainer.config import Config, ConfigError
+from risda.trainer.data import load_long_tail, long_tail_counts, long_tail_indices
+from risda.trainer.evaluate import shot_groups
 
 
 def test_cifar100_lt_counts_match_ldam_drw():
@@ -75,7 +75,7 @@ def write_cifar100_pickle(root, n_train=600, n_test=200, seed=0):
 def test_cifar100_pickle_source(tmp_path):
     folder = write_cifar100_pickle(tmp_path)
     cfg = Config(dataset="cifar100lt", data_root=str(tmp_path), imbalance=6, device="cpu")
-    data = load_long_tail(cfg, torch.device("cpu"))
+    data = load_long_tail(cfg.resolved(), torch.device("cpu"))
     assert data.class_counts == long_tail_counts(6, 100, 6) and data.num_classes == 100
     assert len(data.test) == 200 and data.class_names[3] == "class3"
     with open(folder / "train", "rb") as fh:  # pixel layout: row-major 3x32x32 per image
@@ -87,7 +87,7 @@ def test_cifar100_pickle_source(tmp_path):
 
 def test_real_cifar10_tree(cifar10_root):
     cfg = Config(dataset="cifar10lt", data_root=str(cifar10_root), imbalance=100, val_per_class=10, device="cpu")
-    data = load_long_tail(cfg, torch.device("cpu"))
+    data = load_long_tail(cfg.resolved(), torch.device("cpu"))
     assert sum(data.class_counts) == len(data.train) == sum(long_tail_counts(4990, 10, 100))
     assert len(data.val) == 100 and len(data.test) == 10000
     assert data.train.images.dtype == torch.uint8 and tuple(data.train.images.shape[1:]) == (3, 32, 32)
@@ -109,7 +109,7 @@ def test_generic_imagefolder_resizes_and_keeps_tree(tmp_path):
                 Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(d / f"{i}.png")
     cfg = Config(dataset="imagefolder", data_root=str(tmp_path), imbalance=1, image_size=16,
                  cache_dir=str(tmp_path / "cache"), device="cpu")
-    data = load_long_tail(cfg, torch.device("cpu"))
+    data = load_long_tail(cfg.resolved(), torch.device("cpu"))
     assert data.class_counts == [6, 3] and tuple(data.train.images.shape) == (9, 3, 16, 16)
     assert any((tmp_path / "cache").iterdir())  # decoded once, cached
 
@@ -118,7 +118,7 @@ def test_two_writers_of_one_decode_cache_do_not_collide(tmp_path, monkeypatch):
     """Two trials on one node decode the same tree at once (CI saw the second one's rename fail):
     a second writer saving and renaming between the first one's save and rename must not break it."""
     from PIL import Image
-    import risda.data as data_module
+    import risda.trainer.data as data_module
     for c in range(2):
         (tmp_path / "train" / f"c{c}").mkdir(parents=True)
         Image.fromarray(np.full((8, 8, 3), 40 * c, np.uint8)).save(tmp_path / "train" / f"c{c}" / "0.png")
@@ -154,7 +154,7 @@ def test_batch_augmentation_keeps_shapes_and_pixels():
 
 def test_augmented_batches_keep_statistics(cifar10_root):
     cfg = Config(dataset="cifar10lt", data_root=str(cifar10_root), imbalance=1, n_max=200, device="cpu")
-    data = load_long_tail(cfg, torch.device("cpu"))
+    data = load_long_tail(cfg.resolved(), torch.device("cpu"))
     plain = torch.cat([x for x, _ in data.train.batches(500, train=False)])
     aug = torch.cat([x for x, _ in data.train.batches(500, train=True, generator=torch.Generator().manual_seed(0))])
     assert aug.shape == plain.shape
@@ -180,23 +180,44 @@ def test_bad_config_is_rejected(overrides, message):
 def test_missing_data_root(tmp_path):
     cfg = Config(dataset="cifar10lt", data_root=str(tmp_path / "nope"))
     with pytest.raises(ConfigError, match="does not exist.*--download"):
-        load_long_tail(cfg, torch.device("cpu"))
+        load_long_tail(cfg.resolved(), torch.device("cpu"))
 
 
 def test_wrong_layout_names_expected_layout(tmp_path):
     (tmp_path / "images").mkdir()
     cfg = Config(dataset="cifar10lt", data_root=str(tmp_path))
     with pytest.raises(ConfigError, match=r"wrong layout.*cifar-10-batches-py.*<root>/train/<class>"):
-        load_long_tail(cfg, torch.device("cpu"))
+        load_long_tail(cfg.resolved(), torch.device("cpu"))
 
 
 def test_n_max_larger_than_data(cifar10_root):
     cfg = Config(dataset="cifar10lt", data_root=str(cifar10_root), n_max=6000)
     with pytest.raises(ConfigError, match="larger than the data.*--n-max"):
-        load_long_tail(cfg, torch.device("cpu"))
+        load_long_tail(cfg.resolved(), torch.device("cpu"))
 
 
 def test_wrong_class_count(cifar10_root):
     cfg = Config(dataset="cifar100lt", data_root=str(cifar10_root))
     with pytest.raises(ConfigError, match="100 classes.*has 10"):
-        load_long_tail(cfg, torch.device("cpu"))
+        load_long_tail(cfg.resolved(), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("damage", ["no test file", "truncated train", "no meta"])
+def test_a_half_unpacked_cifar100_is_one_line_exit_2_before_any_work(tmp_path, damage, capsys):
+    """The shared copy unpacked only in part (tar stopped early): one line naming the folder and the
+    fix, exit 2, from the command line, before any training."""
+    from risda.trainer.cli import main
+    folder = write_cifar100_pickle(tmp_path)
+    if damage == "no test file":
+        (folder / "test").unlink()
+    elif damage == "truncated train":
+        data = (folder / "train").read_bytes()
+        (folder / "train").write_bytes(data[: len(data) // 2])
+    else:
+        (folder / "meta").unlink()
+    code = main(["--dataset", "cifar100lt", "--data-root", str(tmp_path), "--imbalance", "6", "--epochs", "2",
+                 "--device", "cpu", "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert str(folder) in err[0] and "unpack its archive again" in err[0]
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from risda.config import Config, ConfigError, add_config_args, config_overrides, preset_config
-from risda.data import load_long_tail
-from risda.data_disk import DiskSplit, random_resized_crop_params
-from risda.presets import PRESETS
+from risda.trainer.config import Config, ConfigError, add_config_args, config_overrides, preset_config
+from risda.trainer.data import load_long_tail
+from risda.trainer.data_disk import DiskSplit, random_resized_crop_params
+from risda.trainer.presets import PRESETS
 
 CPU = torch.device("cpu")
 WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361"]
@@ -93,7 +93,7 @@ def cfg_for(dataset, root, tmp_path, **kw):
 def test_imagenetlt_lists_give_train_val_test(imagenetlt_root, tmp_path):
     cfg = cfg_for("imagenetlt", imagenetlt_root, tmp_path)
     assert cfg.resolved().head_min_count == 100  # the paper's >100-images rule for these datasets
-    data = load_long_tail(cfg, CPU)
+    data = load_long_tail(cfg.resolved(), CPU)
     assert data.class_counts == IMAGENETLT_TRAIN
     assert data.class_names == WNIDS
     assert (len(data.train), len(data.val), len(data.test)) == (16, 8, 12)
@@ -105,30 +105,30 @@ def test_imagenetlt_lists_give_train_val_test(imagenetlt_root, tmp_path):
 
 
 def test_n_max_and_test_per_class_subsample(imagenetlt_root, tmp_path):
-    data = load_long_tail(cfg_for("imagenetlt", imagenetlt_root, tmp_path, n_max=3, test_per_class=1), CPU)
+    data = load_long_tail(cfg_for("imagenetlt", imagenetlt_root, tmp_path, n_max=3, test_per_class=1).resolved(), CPU)
     assert data.class_counts == [3, 3, 3, 2]
     assert len(data.test) == 4 and len(data.val) == 4
-    again = load_long_tail(cfg_for("imagenetlt", imagenetlt_root, tmp_path, n_max=3, test_per_class=1), CPU)
+    again = load_long_tail(cfg_for("imagenetlt", imagenetlt_root, tmp_path, n_max=3, test_per_class=1).resolved(), CPU)
     assert list(again.train.files) == list(data.train.files)  # seeded choice
-    other = load_long_tail(cfg_for("imagenetlt", imagenetlt_root, tmp_path, n_max=3, subset_seed=5), CPU)
+    other = load_long_tail(cfg_for("imagenetlt", imagenetlt_root, tmp_path, n_max=3, subset_seed=5).resolved(), CPU)
     assert list(other.train.files) != list(data.train.files)
 
 
 def test_inat2018_json(inat_root, tmp_path):
-    data = load_long_tail(cfg_for("inat2018", inat_root, tmp_path), CPU)
+    data = load_long_tail(cfg_for("inat2018", inat_root, tmp_path).resolved(), CPU)
     assert data.class_counts == INAT_TRAIN and data.val is None and len(data.test) == 6
     assert data.class_names == ["Species 0", "Species 1", "Species 2"]
     assert sorted(data.test.labels.tolist()) == [0, 0, 1, 1, 2, 2]
-    held = load_long_tail(cfg_for("inat2018", inat_root, tmp_path, val_per_class=1), CPU)
+    held = load_long_tail(cfg_for("inat2018", inat_root, tmp_path, val_per_class=1).resolved(), CPU)
     assert held.class_counts == [5, 2, 1] and held.val.labels.tolist() == [0, 1, 2]
     assert not set(held.val.files) & set(held.train.files)
     with pytest.raises(ConfigError, match="val-per-class"):
-        load_long_tail(cfg_for("inat2018", inat_root, tmp_path, val_per_class=2), CPU)
+        load_long_tail(cfg_for("inat2018", inat_root, tmp_path, val_per_class=2).resolved(), CPU)
 
 
 # --- transforms and batches ---------------------------------------------------------------
 def test_batches_are_normalised_224_crops_on_the_device(imagenetlt_root, tmp_path):
-    data = load_long_tail(cfg_for("imagenetlt", imagenetlt_root, tmp_path, image_size=224), CPU)
+    data = load_long_tail(cfg_for("imagenetlt", imagenetlt_root, tmp_path, image_size=224).resolved(), CPU)
     g = torch.Generator().manual_seed(0)
     x, y = next(data.train.batches(5, train=True, generator=g))
     assert x.shape == (5, 3, 224, 224) and x.dtype == torch.float32 and y.shape == (5,)
@@ -140,7 +140,7 @@ def test_batches_are_normalised_224_crops_on_the_device(imagenetlt_root, tmp_pat
 
 
 def test_train_order_and_crops_follow_the_generator(imagenetlt_root, tmp_path):
-    data = load_long_tail(cfg_for("imagenetlt", imagenetlt_root, tmp_path, image_size=32), CPU)
+    data = load_long_tail(cfg_for("imagenetlt", imagenetlt_root, tmp_path, image_size=32).resolved(), CPU)
 
     def epoch(seed, workers):
         data.train.num_workers = workers
@@ -163,23 +163,23 @@ def test_random_resized_crop_params_stay_inside_the_image():
 # --- bad input ----------------------------------------------------------------------------
 def test_clear_errors_before_training(imagenetlt_root, inat_root, tmp_path):
     with pytest.raises(ConfigError, match="does not exist.*ImageNet_LT_train.txt"):
-        load_long_tail(cfg_for("imagenetlt", tmp_path / "nowhere", tmp_path), CPU)
+        load_long_tail(cfg_for("imagenetlt", tmp_path / "nowhere", tmp_path).resolved(), CPU)
     (imagenetlt_root / "ImageNet_LT_test.txt").rename(imagenetlt_root / "test.txt")
     with pytest.raises(ConfigError, match="ImageNet_LT_test.txt is missing"):
-        load_long_tail(cfg_for("imagenetlt", imagenetlt_root, tmp_path), CPU)
+        load_long_tail(cfg_for("imagenetlt", imagenetlt_root, tmp_path).resolved(), CPU)
     (imagenetlt_root / "test.txt").rename(imagenetlt_root / "ImageNet_LT_test.txt")
     next((imagenetlt_root / "val" / WNIDS[2]).iterdir()).unlink()
     with pytest.raises(ConfigError, match=r"missing, e\.g\. .*ILSVRC2012_val.*--data-root"):
-        load_long_tail(cfg_for("imagenetlt", imagenetlt_root, tmp_path), CPU)
+        load_long_tail(cfg_for("imagenetlt", imagenetlt_root, tmp_path).resolved(), CPU)
     (imagenetlt_root / "ImageNet_LT_val.txt").write_text("train/a.JPEG\n")
     with pytest.raises(ConfigError, match="line 1: expected 'relative/path.JPEG label'"):
-        load_long_tail(cfg_for("imagenetlt", imagenetlt_root, tmp_path), CPU)
+        load_long_tail(cfg_for("imagenetlt", imagenetlt_root, tmp_path).resolved(), CPU)
     (inat_root / "val2018.json").unlink()
     with pytest.raises(ConfigError, match="val2018.json is missing.*train_val2018"):
-        load_long_tail(cfg_for("inat2018", inat_root, tmp_path), CPU)
+        load_long_tail(cfg_for("inat2018", inat_root, tmp_path).resolved(), CPU)
     (inat_root / "val2018.json").write_text(json.dumps({"images": []}))
     with pytest.raises(ConfigError, match="not an iNaturalist 2018 annotation file"):
-        load_long_tail(cfg_for("inat2018", inat_root, tmp_path), CPU)
+        load_long_tail(cfg_for("inat2018", inat_root, tmp_path).resolved(), CPU)
 
 
 # --- presets ------------------------------------------------------------------------------
@@ -213,7 +213,7 @@ def test_presets_fill_the_paper_schedule_and_typed_flags_win():
 # they stay ~1e4. A real run (batches of 128, warm-up) never sees this.
 @pytest.mark.slow
 def test_resnet50_trains_on_imagenetlt_lists(imagenetlt_root, tmp_path):
-    from risda.trainer import train
+    from risda.trainer.loop import train
     cfg = cfg_for("imagenetlt", imagenetlt_root, tmp_path, image_size=32, lr=0.01, n_max=3, test_per_class=1,
                   batch_size=6, eval_every=2, checkpoint_every=2)
     summary = train(cfg)
@@ -224,9 +224,9 @@ def test_resnet50_trains_on_imagenetlt_lists(imagenetlt_root, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("risda.method") is None, reason="risda/method.py (the RISDA arms) not written yet")
+@pytest.mark.skipif(importlib.util.find_spec("risda.trainer.risda_objective") is None, reason="risda/trainer/risda_objective.py (the RISDA arms) not written yet")
 def test_resnet50_risda_full_covariance_on_inat_json(inat_root, tmp_path):
-    from risda.trainer import train
+    from risda.trainer.loop import train
     cfg = cfg_for("inat2018", inat_root, tmp_path, arm="risda", covariance="full", stage1_epochs=1,
                   image_size=48, lr=0.01, batch_size=6, eval_every=2, checkpoint_every=2)
     summary = train(cfg)
@@ -240,7 +240,7 @@ def test_cifar10lt_pack_unpacks_to_the_trees_subset(cifar10_root, tmp_path):
     """bench/pack_cifar10lt.py: the unpacked CIFAR pickle folder gives the trainer exactly the
     subset (and pixels) it would take from the JPEG tree, for any --val-per-class up to the packed one."""
     from pathlib import Path
-    from risda.data import decode_images, list_image_tree, long_tail_counts, long_tail_indices
+    from risda.trainer.data import decode_images, list_image_tree, long_tail_counts, long_tail_indices
     spec = importlib.util.spec_from_file_location("pack", Path(__file__).resolve().parents[1] / "bench" / "pack_cifar10lt.py")
     pack = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pack)
@@ -250,7 +250,7 @@ def test_cifar10lt_pack_unpacks_to_the_trees_subset(cifar10_root, tmp_path):
     files, labels, _ = list_image_tree(cifar10_root / "train")
     for v in (0, 3):
         cfg = Config(dataset="cifar10lt", data_root=str(tmp_path / "c10"), imbalance=10, n_max=20, val_per_class=v)
-        data = load_long_tail(cfg, CPU)
+        data = load_long_tail(cfg.resolved(), CPU)
         train_idx, val_idx = long_tail_indices(labels, long_tail_counts(20, 10, 10), v, 0)
         assert data.class_counts == long_tail_counts(20, 10, 10) and len(data.test) == 40
         assert torch.equal(data.train.images, torch.from_numpy(decode_images([files[i] for i in train_idx], 32)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from risda.config import Config
+from risda.trainer.config import Config
 from risda.runner import datacheck
 
 

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from risda.graph import (TopKGraph, compound_tail_covariance, displacement_prototype, keep_top_k, knowledge_graph,
+from risda.method.graph import (TopKGraph, compound_tail_covariance, displacement_prototype, keep_top_k, knowledge_graph,
                          reasoning_covariance, reasoning_prototype, scale_columns, topk_knowledge_graph)
-from risda.stats import LowRank
+from risda.method.stats import LowRank
 
 
 def random_spd(n, d, seed=0):

@@ -1,4 +1,4 @@
-"""The knowledge graph's sources (risda.graph) and its diagnostics (risda.diagnostics), against
+"""The knowledge graph's sources (risda.method.graph) and its diagnostics (risda.method.diagnostics), against
 numpy on the same predictions."""
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from risda.config import Config, ConfigError
-from risda.diagnostics import covariance_traces, graph_summary, mean_feature_norms, reasoning_size
-from risda.graph import (GRAPH_SOURCES, TopKGraph, knowledge_graph, prototype_knowledge_graph, reasoning_covariance,
+from risda.trainer.config import Config, ConfigError
+from risda.method.diagnostics import covariance_traces, graph_summary, mean_feature_norms, reasoning_size
+from risda.method.graph import (GRAPH_SOURCES, TopKGraph, knowledge_graph, prototype_knowledge_graph, reasoning_covariance,
                          soft_knowledge_graph)
 
 C, N, D = 5, 60, 4

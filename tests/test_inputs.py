@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from risda.checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
-from risda.config import Config, ConfigError, parse_field
-from risda.data import load_long_tail
+from risda.trainer.checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
+from risda.trainer.config import Config, ConfigError, parse_field
+from risda.trainer.data import load_long_tail
 from risda.runner.ablation.spec import apply_overrides, coerce, expand, load_spec
-from risda.train import main
+from risda.trainer.cli import main
 
 CPU = torch.device("cpu")
 
@@ -223,16 +223,16 @@ def test_corrupt_jpeg_names_the_file(cifar10_root, tmp_path, capsys, damage):
 def test_corrupt_jpeg_is_found_after_the_tree_was_cached(cifar10_root, tmp_path):
     root = image_tree(tmp_path / "tree", cifar10_root)
     cfg = Config(dataset="imagefolder", data_root=str(root), imbalance=1, cache_dir=str(tmp_path / "cache"))
-    assert load_long_tail(cfg, CPU).class_counts == [4, 3]
+    assert load_long_tail(cfg.resolved(), CPU).class_counts == [4, 3]
     caches = sorted((tmp_path / "cache").iterdir())
     assert len(caches) == 2
     for cache in caches:  # a damaged cache file is decoded again, not a traceback
         cache.write_bytes(b"PK\x03\x04 torn")
-    assert load_long_tail(cfg, CPU).class_counts == [4, 3]
+    assert load_long_tail(cfg.resolved(), CPU).class_counts == [4, 3]
     bad = sorted((root / "train" / "cat").iterdir())[0]
     bad.write_bytes(b"garbage")  # new size and mtime: the cache key changes, the tree is decoded again
     with pytest.raises(ConfigError, match=f"cannot read image {bad}"):
-        load_long_tail(cfg, CPU)
+        load_long_tail(cfg.resolved(), CPU)
 
 
 def test_empty_class_folder_is_named(cifar10_root, tmp_path, capsys):
@@ -246,7 +246,7 @@ def test_empty_class_folder_is_named(cifar10_root, tmp_path, capsys):
 
 
 def test_disk_dataset_unreadable_image_before_training_and_in_a_worker(cifar10_root, tmp_path):
-    from risda.data_disk import DiskSplit
+    from risda.trainer.data_disk import DiskSplit
     root = tmp_path / "inlt"
     rows = {"train": [], "val": [], "test": []}
     for label, name in enumerate(("cat", "dog")):
@@ -261,7 +261,7 @@ def test_disk_dataset_unreadable_image_before_training_and_in_a_worker(cifar10_r
     bad.write_bytes(b"garbage")
     cfg = Config(dataset="imagenetlt", data_root=str(root), model="resnet50", image_size=32, num_workers=0)
     with pytest.raises(ConfigError, match=f"cannot read image {bad}.*delete or replace"):
-        load_long_tail(cfg, CPU)
+        load_long_tail(cfg.resolved(), CPU)
     # met during a run (outside the checked sample), in a DataLoader worker: still one line
     split = DiskSplit(str(root), [rows["train"][0].split()[0], rows["val"][1].split()[0]], torch.tensor([0, 1]).numpy(),
                       CPU, 32, num_workers=1)
@@ -283,7 +283,7 @@ def write_checkpoint(tmp_path: Path) -> Path:
     path.parent.mkdir(parents=True)
     save_checkpoint(path, cfg, epoch=0, elapsed=1.0, history=[], model={"w": torch.zeros(4096)},
                     optimizer={}, objective={}, stage1_info={})
-    assert check_checkpoint(path, cfg)["epoch"] == 0
+    assert check_checkpoint(path, cfg.resolved())["epoch"] == 0
     return path
 
 
@@ -305,7 +305,7 @@ def test_resume_with_a_changed_flag_is_a_config_error(tmp_path, capsys):
     assert f"cannot resume from {path}: the config changed (--lr: 0.1 -> 0.05)" in line
     cfg = Config(out=str(tmp_path / "run"), epochs=2, lr=0.05, data_root=str(tmp_path / "never-read")).resolved()
     with pytest.raises(ConfigError, match="config changed"):
-        load_checkpoint(path, cfg)
+        load_checkpoint(path, cfg.resolved())
 
 
 def test_resume_without_a_checkpoint(tmp_path, capsys):

@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "risda"
 RUNNER_ONLY = ("ray", "pandas", "matplotlib")
 # A single run draws its own knowledge graph (<out>/graph.png); the one exception, lazily imported.
-ALLOWED = {"risda.graph_plot": {"matplotlib"}}
+ALLOWED = {"risda.trainer.graph_plot": {"matplotlib"}}
 
 
 def modules() -> dict[str, Path]:
@@ -77,3 +77,37 @@ def test_only_the_runner_imports_ray_pandas_matplotlib_and_nothing_imports_the_r
     assert {m: sorted(n for n in edges[m] if n.startswith("risda.runner")) for m in outside_runner
             if any(n.startswith("risda.runner") for n in edges[m])} == {}
     assert "risda.runner.search" in edges and "risda.runner.ablation.cli" in edges  # the walk found the runner
+
+
+LAYERS = ("method", "trainer", "runner")  # from the inside out: each imports only the layers before it
+
+
+def layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def test_the_three_layers_are_folders_and_imports_point_inwards():
+    """`ls risda/` shows the layers; the method imports nothing of the trainer or the runner (not
+    even Config), the trainer nothing of the runner. Only the package root and the `python -m
+    risda.train` entry sit beside them."""
+    assert sorted(p.name for p in PACKAGE.iterdir() if p.suffix == ".py" or (p.is_dir() and p.name != "__pycache__")) \
+        == ["__init__.py", "method", "runner", "train.py", "trainer"]
+    edges, external = graph()
+    outward = {m: sorted(n for n in targets if layer(n) and layer(m)
+                         and LAYERS.index(layer(n)) > LAYERS.index(layer(m)))
+               for m, targets in edges.items()}
+    assert {m: v for m, v in outward.items() if v} == {}
+    method = [m for m in edges if layer(m) == "method"]
+    assert len(method) >= 6 and all(external[m] <= {"torch", "__future__", "dataclasses", "warnings", "math"}
+                                    for m in method), {m: external[m] for m in method}
+
+
+def test_importing_the_method_loads_no_trainer(tmp_path):
+    """`import risda.method` (or `from risda import RISDALoss`) never imports the trainer or the runner."""
+    import subprocess
+    import sys
+    code = ("import sys; from risda import RISDALoss, LDAMLoss; import risda.method; "
+            "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('risda.') and m.count('.') >= 1}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['method']"

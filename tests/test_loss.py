@@ -4,8 +4,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from risda.loss import augmented_logits, class_balanced_weights
-from risda.stats import LowRank
+from risda.method.loss import augmented_logits, class_balanced_weights
+from risda.method.stats import LowRank
 from test_graph import covariance_forms as graph_covariance_forms
 
 FORMS = ["full", "diag", "lowrank", "lowrank-ragged"]

@@ -1,7 +1,7 @@
 """RISDAObjective without the trainer: a tiny model with a `.classifier` and a fake extract().
 
 The expected losses are recomputed here from the equations with numpy, independently of
-risda.stats / risda.graph / risda.loss."""
+risda.method.stats / risda.method.graph / risda.method.loss."""
 import copy
 import io
 
@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from risda.config import Config, ConfigError
+from risda.trainer.config import Config, ConfigError
 from risda.method import head_classes
-from risda.trainer import make_objective
+from risda.trainer.loop import make_objective
 
 COUNTS = [12, 8, 5, 3, 2]  # class 4 has 2 images, class 3 three
 C, D, IN = len(COUNTS), 4, 3
@@ -156,7 +156,7 @@ def test_stage1_is_plain_ce_and_extract_runs_once():
                 torch.testing.assert_close(loss, F.cross_entropy(z, yb))
         obj.end_epoch(epoch, model, extract)
         assert len(calls) == (epoch >= STAGE1)
-    assert obj.stats.count.tolist() == [3 * n for n in COUNTS]  # the pass, then two epochs of batches
+    assert obj.risda.stats.count.tolist() == [3 * n for n in COUNTS]  # the pass, then two epochs of batches
 
 
 ARM_TERMS = {  # arm: (reweight, reasoning covariance, reasoning mean)
@@ -165,7 +165,7 @@ ARM_TERMS = {  # arm: (reweight, reasoning covariance, reasoning mean)
 }
 
 
-@pytest.mark.filterwarnings("ignore:--covariance lowrank")  # D = 4 is narrower than any factor here
+@pytest.mark.filterwarnings("ignore:covariance lowrank")  # D = 4 is narrower than any factor here
 @pytest.mark.parametrize("arm", list(ARM_TERMS))
 @pytest.mark.parametrize("covariance", ["full", "diag", f"lowrank:{D}"])  # rank D: exact, so numpy's Σ
 @pytest.mark.parametrize("graph_topk", [None, 2])
@@ -216,7 +216,7 @@ def test_tail_indexed_or_masked_is_the_same_loss(covariance):
     losses = []
     for index_tail in (False, True):
         obj.load_state_dict(copy.deepcopy(state))  # the same statistics before each step's merge
-        obj.index_tail = index_tail
+        obj.risda.index_tail = index_tail
         losses.append(obj.loss(f, z, labels, model, STAGE1 + 1))
     torch.testing.assert_close(losses[0], losses[1])
 
@@ -237,7 +237,7 @@ def test_cov_only_has_no_mean_term():
         obj.begin_epoch(STAGE1, model, extractor(model, x, labels))
         f, z = model(x)
         losses.append(obj.loss(f, z, labels, model, STAGE1))
-    torch.testing.assert_close(losses[0], F.cross_entropy(z, labels, weight=obj.class_weights))
+    torch.testing.assert_close(losses[0], F.cross_entropy(z, labels, weight=obj.risda.class_weights))
     assert losses[1].item() != pytest.approx(losses[0].item())
 
 
@@ -268,9 +268,9 @@ def test_gradients_reach_classifier_and_backbone_in_stage2():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
-@pytest.mark.filterwarnings("ignore:--covariance lowrank", "ignore:reference variant. no stage-I")
+@pytest.mark.filterwarnings("ignore:covariance lowrank", "ignore:reference variant. no stage-I")
 def test_lowrank_refused_only_where_the_reference_writes_covariances_back():
-    with pytest.raises(ConfigError, match="lowrank:4 with --variant reference.*use --variant paper"):
+    with pytest.raises(ConfigError, match="lowrank:4 with the reference variant.*use the paper variant"):
         objective(covariance="lowrank:4", variant="reference")
     for kw in ({}, {"arm": "isda", "variant": "reference"}, {"arm": "no_reasoning", "variant": "reference"}):
         model, (x, labels) = Tiny(), dataset()
@@ -290,7 +290,7 @@ def test_lowrank_warns_when_a_dense_graph_makes_the_factor_wider_than_d():
 def test_lowrank_with_a_scale_preset_from_the_command_line():
     """`--preset inat2018-r50 --covariance lowrank:16 --arm risda --graph-topk 3`, on a tiny model."""
     import argparse
-    from risda.config import add_config_args, config_overrides
+    from risda.trainer.config import add_config_args, config_overrides
     parser = argparse.ArgumentParser()
     add_config_args(parser)
     args = parser.parse_args(["--preset", "inat2018-r50", "--covariance", "lowrank:16", "--arm", "risda",
@@ -300,7 +300,7 @@ def test_lowrank_with_a_scale_preset_from_the_command_line():
     model, (x, labels) = Tiny(), dataset()
     obj = make_objective(cfg, COUNTS, D, torch.device("cpu"))
     obj.begin_epoch(cfg.stage1_epochs, model, extractor(model, x, labels))
-    assert obj.graph.indices.shape == (C, 3) and obj.stats.cov.factor.shape == (C, D, 16)
+    assert obj.risda.graph.indices.shape == (C, 3) and obj.risda.stats.cov.factor.shape == (C, D, 16)
     f, z = model(x)
     loss = obj.loss(f, z, labels, model, cfg.stage1_epochs + 1)
     loss.backward()
@@ -372,7 +372,7 @@ def test_reference_variant():
             sigma[c] = (1 - w) * sigma[c] + w * np_cov(xc, 0) + w * (1 - w) * np.outer(d, d)
             mean[c], count[c] = (1 - w) * mean[c] + w * xc.mean(0), n + m
         sigma[tail] = np.einsum("ti,ide->tde", eps[tail], sigma)  # written back
-        np.testing.assert_allclose(obj.stats.cov.numpy(), sigma, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(obj.risda.stats.cov.numpy(), sigma, rtol=1e-4, atol=1e-6)
         expected = np_loss(zb, y, W, sigma, delta, 2 * alpha, beta, np_cb_weights())
         assert loss.item() == pytest.approx(expected, rel=1e-5), step
 
@@ -424,7 +424,7 @@ def test_missing_state_after_resume_prepares_again():
     calls = []
     obj.load_state_dict({})  # e.g. resumed in stage II from a checkpoint without the objective's state
     obj.begin_epoch(STAGE1 + 3, model, extractor(model, x, labels, calls))
-    assert calls == [1] and obj.ready
+    assert calls == [1] and obj.risda.ready
 
 
 def test_bf16_autocast_keeps_statistics_and_loss_in_fp32():
@@ -440,6 +440,6 @@ def test_bf16_autocast_keeps_statistics_and_loss_in_fp32():
         loss = obj.loss(f, z, labels, model, STAGE1 + 1)
     expected = fp32.loss(f.float(), z.float(), labels, model, STAGE1 + 1)
     assert torch.isfinite(loss) and torch.equal(loss, expected)
-    assert torch.equal(obj.stats.cov, fp32.stats.cov) and torch.equal(obj.stats.mean, fp32.stats.mean)
+    assert torch.equal(obj.risda.stats.cov, fp32.risda.stats.cov) and torch.equal(obj.risda.stats.mean, fp32.risda.stats.mean)
     grad, = torch.autograd.grad(loss, model.classifier.weight, retain_graph=True)
     torch.testing.assert_close(grad, torch.autograd.grad(expected, model.classifier.weight)[0])

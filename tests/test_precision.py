@@ -1,11 +1,11 @@
-"""risda.precision.resolve_precision: fp32/bf16 pass through; auto asks the hardware."""
+"""risda.trainer.precision.resolve_precision: fp32/bf16 pass through; auto asks the hardware."""
 from pathlib import Path
 
 import pytest
 import torch
 
-from risda import precision
-from risda.precision import cpu_flags, cpuinfo_flags, resolve_precision
+from risda.trainer import precision
+from risda.trainer.precision import cpu_flags, cpuinfo_flags, resolve_precision
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

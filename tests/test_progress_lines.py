@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from risda import progress
-from risda.config import Config
+from risda.trainer import progress
+from risda.trainer.config import Config
 from risda.runner.progress import RichProgress
 
 
@@ -38,7 +38,7 @@ def run_epochs(p, epochs, train_size=100):
 
 def test_a_run_without_a_terminal_prints_a_line_per_epoch(capsys):
     cfg = Config(epochs=3, arm="risda")  # stage I: 2 epochs
-    run_epochs(progress.TrainProgress(cfg, 100, 3), [0, 1, 2])  # capsys's stderr is no terminal
+    run_epochs(progress.TrainProgress(cfg.resolved(), 100, 3), [0, 1, 2])  # capsys's stderr is no terminal
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 3, lines
     assert re.match(r"\d\d:\d\d:\d\d risda stage I epoch 1/3  loss 1.500  400 img/s  ETA \S+$", lines[0]), lines[0]
@@ -47,16 +47,16 @@ def test_a_run_without_a_terminal_prints_a_line_per_epoch(capsys):
 
 def test_a_disabled_run_is_silent_unless_log_every_asks(capsys):
     cfg = Config(epochs=3)
-    run_epochs(progress.TrainProgress(cfg, 100, 3, enabled=False), [0])
+    run_epochs(progress.TrainProgress(cfg.resolved(), 100, 3, enabled=False), [0])
     assert capsys.readouterr().err == ""
     progress.set_log_every(30)
-    run_epochs(progress.TrainProgress(cfg, 100, 3, enabled=False), [0])
+    run_epochs(progress.TrainProgress(cfg.resolved(), 100, 3, enabled=False), [0])
     assert "epoch 1/3" in capsys.readouterr().err
 
 
 def test_a_long_epoch_gets_lines_within_it(capsys):
     progress.set_log_every(0.05)
-    p = progress.TrainProgress(Config(epochs=3), 1000, 3)
+    p = progress.TrainProgress(Config(epochs=3).resolved(), 1000, 3)
     with p:
         for _ in range(3):
             time.sleep(0.06)
@@ -106,7 +106,7 @@ def test_a_driver_prints_a_line_per_finished_and_failed_trial(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_a_real_run_logs_each_epoch(tiny_config, capsys):
-    from risda.train import main
+    from risda.trainer.cli import main
     cfg = tiny_config(epochs=2, n_max=60)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in dict(dataset=cfg.dataset, data_root=cfg.data_root, imbalance=10,
                                                              n_max=60, test_per_class=10, epochs=2, out=cfg.out,

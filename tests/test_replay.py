@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from risda.config import Config
+from risda.trainer.config import Config
 from risda.runner import search
-from risda.train import build_parser, main, replay_fields, run_config
-from risda.trainer import record_stage1, train
+from risda.trainer.cli import build_parser, main, replay_fields, run_config
+from risda.trainer.loop import record_stage1, train
 from test_search import read_outputs, tiny_argv
 
 

@@ -9,7 +9,7 @@ import ray
 
 from risda.runner import cluster, retry
 from risda.runner.retry import DIVERGED_KEY, NoRetryWhenDiverged, max_failures, reporting_divergence
-from risda.trainer import DivergedError
+from risda.trainer.loop import DivergedError
 
 
 def test_max_failures_defaults_to_2_on_a_cluster(monkeypatch):

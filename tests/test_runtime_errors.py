@@ -9,12 +9,12 @@ import urllib.error
 
 import pytest
 
-import risda.trainer
-from risda.display import EMPTY, error_text
-from risda.failures import DownloadFailed, StorageFault, divergence_hint
+import risda.trainer.loop
+from risda.trainer.display import EMPTY, error_text
+from risda.trainer.failures import DownloadFailed, StorageFault, divergence_hint
 from risda.runner.exits import driver_failure
-from risda.train import main, result_line
-from risda.trainer import DivergedError
+from risda.trainer.cli import main, result_line
+from risda.trainer.loop import DivergedError
 
 
 def one_error_line(capsys, rc, expected_rc=1) -> str:
@@ -29,7 +29,7 @@ def one_error_line(capsys, rc, expected_rc=1) -> str:
 def train_raising(monkeypatch, exc):
     def fake_train(*a, **k):
         raise exc
-    monkeypatch.setattr(risda.trainer, "train", fake_train)
+    monkeypatch.setattr(risda.trainer.loop, "train", fake_train)
 
 
 @pytest.mark.parametrize("exc, words", [
@@ -89,7 +89,7 @@ def test_the_divergence_message_carries_the_hint(tiny_config):
     import torch
     cfg = tiny_config(variant="reference", epochs=3).resolved()
     with pytest.raises(DivergedError, match="likely cause: the reference variant after a stage I of only 2"):
-        risda.trainer.check_diverged(torch.tensor(float("nan")), 1, cfg, 2, 0.1, risda.trainer.Path("/x"))
+        risda.trainer.loop.check_diverged(torch.tensor(float("nan")), 1, cfg, 2, 0.1, risda.trainer.loop.Path("/x"))
 
 
 # --- the drivers ------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def test_an_ablations_failed_stage1_is_one_line(monkeypatch, capsys, tmp_path, c
     however long the message and whatever brackets it holds (it was wrapped at the console's width)."""
     from risda.runner.ablation import cli
     from risda.runner.stage1 import Stage1Failed
-    message = ("1 of 1 shared stage I(s) did not finish (22fa777ec69e822d: risda.trainer.DivergedError: diverged: "
+    message = ("1 of 1 shared stage I(s) did not finish (22fa777ec69e822d: risda.trainer.loop.DivergedError: diverged: "
                "the mean training loss exploded to 2.53e+18 (> 10000) at epoch 0 [lr 200000, arm ce]; lower --lr, "
                "--alpha or --beta. " + "x" * 200 + "); fix the cause and rerun the same command")
 

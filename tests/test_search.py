@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import ray
 
-from risda.config import Config
+from risda.trainer.config import Config
 from risda.runner import search, trainables
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,10 +94,10 @@ def test_space_parsing_and_paper_point(tmp_path):
         with pytest.raises(search.ConfigError):
             search.parse_space(bad)
     assert search.paper_point(100, space) == {"alpha": 0.5, "beta": 0.75, "head_count": 20}
-    cifar10 = search.default_space(Config(dataset="cifar10lt"), 10)
+    cifar10 = search.default_space(Config(dataset="cifar10lt").resolved(), 10)
     assert cifar10["head_count"] == "1|2|3|4" and search.paper_point(100, cifar10, 10)["head_count"] == 2
-    assert search.default_space(Config(dataset="cifar100lt"), 100) == space
-    assert "head_count" not in search.default_space(Config(dataset="imagenetlt"), 1000)  # head by size there
+    assert search.default_space(Config(dataset="cifar100lt").resolved(), 100) == space
+    assert "head_count" not in search.default_space(Config(dataset="imagenetlt").resolved(), 1000)  # head by size there
     assert search.paper_point(200, {"alpha": "0.25:1.5"}) == {"alpha": 0.5}
     assert search.paper_point(37, space) is None
     assert search.paper_point(100, {"alpha": "0.6:1.5", "beta": "0.25:1.5"}) == {"beta": 0.75}

@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from risda.config import Config
-from risda.stage1 import (BOOKKEEPING_FIELDS, STAGE2_FIELDS, Stage1Cache, shares_stage1, stage1_key,
+from risda.trainer.config import Config
+from risda.trainer.stage1 import (BOOKKEEPING_FIELDS, STAGE2_FIELDS, Stage1Cache, shares_stage1, stage1_key,
                           stage1_training_config)
-from risda.trainer import train
+from risda.trainer.loop import train
 
 # A value that differs from the default for every Config field.
 CHANGED = dict(
@@ -34,26 +34,26 @@ def test_every_field_is_classified():
 @pytest.mark.parametrize("name", sorted(STAGE2_FIELDS | BOOKKEEPING_FIELDS))
 def test_stage2_and_bookkeeping_fields_keep_the_key(name):
     base = Config(subset_seed=0, pad_mode="zeros", warmup_epochs=5)  # resolved as the paper variant's
-    assert stage1_key(dataclasses.replace(base, **{name: CHANGED[name]})) == stage1_key(base)
+    assert stage1_key(dataclasses.replace(base, **{name: CHANGED[name]}).resolved()) == stage1_key(base.resolved())
 
 
 @pytest.mark.parametrize("name", sorted(set(CHANGED) - STAGE2_FIELDS - BOOKKEEPING_FIELDS))
 def test_stage1_fields_change_the_key(name):
     base = Config()
-    assert stage1_key(dataclasses.replace(base, **{name: CHANGED[name]})) != stage1_key(base)
+    assert stage1_key(dataclasses.replace(base, **{name: CHANGED[name]}).resolved()) != stage1_key(base.resolved())
 
 
 def test_variant_defaults_are_resolved_before_the_key():
     # The reference variant's own defaults (subset seed 42, reflect padding, no warm-up) are a
     # different stage I; with the paper's values given explicitly it is the same one.
-    assert stage1_key(Config(variant="reference")) != stage1_key(Config())
+    assert stage1_key(Config(variant="reference").resolved()) != stage1_key(Config().resolved())
     same = dict(subset_seed=0, pad_mode="zeros", warmup_epochs=5)
-    assert stage1_key(Config(variant="reference", **same)) == stage1_key(Config())
+    assert stage1_key(Config(variant="reference", **same).resolved()) == stage1_key(Config().resolved())
 
 
 def test_isda_and_no_stage1_do_not_share():
-    assert shares_stage1(Config(arm="ce_drw")) and shares_stage1(Config(arm="risda", variant="reference"))
-    assert not shares_stage1(Config(arm="isda")) and not shares_stage1(Config(epochs=2, stage1_epochs=0))
+    assert shares_stage1(Config(arm="ce_drw").resolved()) and shares_stage1(Config(arm="risda", variant="reference").resolved())
+    assert not shares_stage1(Config(arm="isda").resolved()) and not shares_stage1(Config(epochs=2, stage1_epochs=0).resolved())
 
 
 def weights(path):
@@ -64,7 +64,7 @@ def weights(path):
 @pytest.mark.parametrize("arm,variant,source", [
     ("risda", "paper", "confusion"), ("risda", "reference", "confusion"),
     ("risda", "paper", "soft"), ("risda", "paper", "prototype"),   # every graph source forks the same CE stage I
-    ("ldam_drw", "paper", "confusion"), ("la_loss", "paper", "confusion"),  # their own stage I (risda.arms)
+    ("ldam_drw", "paper", "confusion"), ("la_loss", "paper", "confusion"),  # their own stage I (risda.trainer.arms)
 ])
 def test_forked_stage2_equals_training_from_scratch(tiny_config, tmp_path, arm, variant, source):
     """fp32, CPU, same seeds: the cached stage I (trained once, as the runner trains it: CE with
@@ -75,15 +75,15 @@ def test_forked_stage2_equals_training_from_scratch(tiny_config, tmp_path, arm, 
                beta=0.75, lr=0.02, **same_data)
     scratch = train(tiny_config(**run, out=str(tmp_path / "scratch")))
 
-    shared = dataclasses.replace(stage1_training_config(tiny_config(**run)), out=str(tmp_path / "stage1"))
+    shared = dataclasses.replace(stage1_training_config(tiny_config(**run).resolved()), out=str(tmp_path / "stage1"))
     assert shared.arm == ("ce" if arm == "risda" else arm)
-    assert stage1_key(shared) == stage1_key(tiny_config(**run))
+    assert stage1_key(shared.resolved()) == stage1_key(tiny_config(**run).resolved())
     done = train(shared, stage1_only=True, observe_reference=True)
     cache = Stage1Cache(str(tmp_path / "cache"))
-    cache.store(shared, done["checkpoint"], {"observations": True})
+    cache.store(shared.resolved(), done["checkpoint"], {"observations": True})
     forked_cfg = tiny_config(**run, out=str(tmp_path / "forked"))
-    assert cache.lookup(forked_cfg, observations=True) is not None
-    stage1_ckpt = cache.fetch(forked_cfg, tmp_path / "fetched.pt")
+    assert cache.lookup(forked_cfg.resolved(), observations=True) is not None
+    stage1_ckpt = cache.fetch(forked_cfg.resolved(), tmp_path / "fetched.pt")
     forked = train(forked_cfg, stage1_from=stage1_ckpt)
 
     a, b = weights(tmp_path / "scratch" / "checkpoint.pt"), weights(tmp_path / "forked" / "checkpoint.pt")
@@ -93,7 +93,7 @@ def test_forked_stage2_equals_training_from_scratch(tiny_config, tmp_path, arm, 
         assert forked[k] == scratch[k], k
     for k in ("graph_offdiag_tail", "graph_empty_tail", "reason_cov_ratio_last", "reason_mean_ratio_last"):
         assert forked.get(k) == scratch.get(k), k  # the diagnostics too (absent for the baselines)
-    assert forked["stage1_key"] == stage1_key(forked_cfg)
+    assert forked["stage1_key"] == stage1_key(forked_cfg.resolved())
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from risda.stats import ClassStatistics, LowRank, class_means, parse_covariance, place_rows, truncate_rank
+from risda.method.stats import ClassStatistics, LowRank, class_means, parse_covariance, place_rows, truncate_rank
 
 C, D = 6, 5
 

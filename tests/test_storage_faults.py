@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from risda import storage
-from risda.checkpoint import load_checkpoint, save_checkpoint
-from risda.config import Config
-from risda.failures import StorageFault, storage_fault
+from risda.trainer import storage
+from risda.trainer.checkpoint import load_checkpoint, save_checkpoint
+from risda.trainer.config import Config
+from risda.trainer.failures import StorageFault, storage_fault
 from risda.runner.collate import write_parquet
 
 
@@ -39,7 +39,7 @@ def test_a_full_disk_while_checkpointing_names_the_intact_checkpoint(tmp_path, m
                                    f"epoch 12 ({path}) is intact")
     assert leftovers(tmp_path) == []
     monkeypatch.undo()
-    assert load_checkpoint(path, cfg)["epoch"] == 11  # the old one, whole
+    assert load_checkpoint(path, cfg.resolved())["epoch"] == 11  # the old one, whole
 
 
 def test_torchs_own_write_failure_is_a_storage_fault_too():
@@ -78,7 +78,7 @@ def test_a_run_hit_by_full_disks_continues_without_loss(tiny_config, tmp_path, m
     rerun with --resume continues, and the run ends as the uninterrupted one would."""
     import pyarrow.parquet as pq
 
-    from risda.train import main
+    from risda.trainer.cli import main
     cfg = tiny_config(epochs=2, n_max=60)
     out = tmp_path / "run"
     flags = ["--dataset", "cifar10lt", "--data-root", cfg.data_root, "--imbalance", "10", "--n-max", "60",

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from risda.config import Config
-from risda.trainer import lr_at, train
+from risda.trainer.config import Config
+from risda.trainer.loop import lr_at, train
 
 SUMMARY_FIELDS = {"config", "class_counts", "train_size", "val_size", "test_size", "test_error", "many_error",
                   "medium_error", "few_error", "best_val_error", "best_val_epoch", "wall_time_s", "torch",

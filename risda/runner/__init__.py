@@ -3,7 +3,7 @@ multi-node Ray cluster. The only part of the package that imports ray, pandas or
 
 - `trainables`: the trainer as Ray Tune function trainables (one run; one shared stage I).
 - `cluster`: Ray start-up, the resource check, storage paths, restore-or-new Tuners, the flags.
-- `stage1`: the shared stage Is trained before the stage-II trials (risda.stage1: key and cache).
+- `stage1`: the shared stage Is trained before the stage-II trials (risda.trainer.stage1: key and cache).
 - `collate`: a ResultGrid as tables (trials, epochs), the best trial, how the trials ended.
 - `progress`: the driver's progress bar and its table of the best trials.
 - `search`: the Optuna search of α, β and the head count (`python tune/search.py`).

@@ -16,9 +16,9 @@ from typing import Callable
 import ray
 from ray import tune
 
-from ..config import ConfigError
-from ..progress import seconds_flag
-from ..storage import delete_dir
+from ..trainer.config import ConfigError
+from ..trainer.progress import seconds_flag
+from ..trainer.storage import delete_dir
 from .collate import trial_statuses
 from .trainables import remove_scratch
 

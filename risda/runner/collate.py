@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 from ray import tune
 
-from ..diagnostics import DIAGNOSTIC_TEXT, DIAGNOSTICS
-from ..evaluate import error_names
-from ..failures import writing
+from ..method.diagnostics import DIAGNOSTIC_TEXT, DIAGNOSTICS
+from ..trainer.evaluate import error_names
+from ..trainer.failures import writing
 from .trainables import STAGE1_CACHE_KEY
 
 # Tune's own per-report bookkeeping, dropped from our epoch tables.
@@ -140,7 +140,7 @@ def write_parquet(df, path: Path) -> Path:
     """Atomic write (temp file + rename) so a reader never sees half a table."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.parquet")
-    with writing(path, RESULTS_INTACT, tmp):  # a full disk: one line, no .tmp left (risda.failures)
+    with writing(path, RESULTS_INTACT, tmp):  # a full disk: one line, no .tmp left (risda.trainer.failures)
         df.to_parquet(tmp, index=False)
         os.replace(tmp, path)
     return path

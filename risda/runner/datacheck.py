@@ -8,8 +8,8 @@ import json
 import os
 from pathlib import Path
 
-from ..config import Config, ConfigError
-from ..data import load_long_tail
+from ..trainer.config import Config, ConfigError, RunConfig
+from ..trainer.data import load_long_tail
 
 # What a cell's splits depend on (the rest of its config acts on training only).
 DATA_FIELDS = ("dataset", "data_root", "download", "imbalance", "n_max", "val_per_class", "test_per_class", "subset_seed",
@@ -20,7 +20,7 @@ def on_cluster(address: str | None) -> bool:
     return bool(address or os.environ.get("RAY_ADDRESS"))
 
 
-def check_data(cfg: Config, need_val: str | None = None) -> dict:
+def check_data(cfg: RunConfig, need_val: str | None = None) -> dict:
     """Build cfg's splits once on the driver (an image cache is filled once too); their sizes
     and class count. need_val: the fix to name when the validation split is empty (a search
     tunes on it), or None when it may be."""
@@ -40,9 +40,8 @@ def checkable(cfg: Config, address: str | None) -> bool:
 def check_cells_data(configs: list[Config], address: str | None) -> int:
     """check_data for each distinct data configuration of `configs`; how many were checked.
     The first problem stops it (ConfigError, naming the cell's flags when cells differ)."""
-    seen = set()
-    for cfg in configs:
-        c = cfg.resolved()
+    seen, resolved = set(), [cfg.resolved() for cfg in configs]  # the cells, resolved once here
+    for c in resolved:
         key = json.dumps([getattr(c, f) for f in DATA_FIELDS])
         if key in seen or not checkable(c, address):
             continue
@@ -51,6 +50,6 @@ def check_cells_data(configs: list[Config], address: str | None) -> int:
             check_data(c)
         except ConfigError as e:
             varying = ", ".join(f"--{f.replace('_', '-')} {getattr(c, f)}" for f in ("imbalance", "n_max", "subset_seed")
-                                if len({getattr(o.resolved(), f) for o in configs}) > 1)
+                                if len({getattr(o, f) for o in resolved}) > 1)
             raise ConfigError(f"{e}" + (f" (the cell with {varying})" if varying else "")) from None
     return len(seen)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..arms import ARMS
+from ..trainer.arms import ARMS
 
 METRICS = (("test_error", "(a) last"), ("test_error_at_best_val", "(b) best-val"), ("best_test_error", "(c) best-test"),
            ("few_error", "few (last)"))
@@ -169,7 +169,7 @@ def compute_lines(results_dirs: list[Path], runs: pd.DataFrame) -> list[str]:
 
 
 def tuned_tau_table(ok: pd.DataFrame) -> list[str]:
-    """Post-hoc LA at τ = 1 beside its τ chosen on the validation split alone (risda.trainer.tune_adjustment)."""
+    """Post-hoc LA at τ = 1 beside its τ chosen on the validation split alone (risda.trainer.loop.tune_adjustment)."""
     rows = ok[ok.tuned_tau.notna()] if "tuned_tau" in ok else []
     if not len(rows):
         return []
@@ -197,7 +197,7 @@ def evidence_sections(runs: pd.DataFrame, results_dirs: list[Path]) -> list[str]
                "Measured at the switch to stage II (first) and after the last epoch (last): the off-diagonal row mass of "
                "ε over the tail classes and all classes, the tail rows that borrow nothing, the training error of the "
                "pass that built ε, and the size of the reasoned terms: tr(Σʳ_c)/tr(Σ_c) and ‖α μʳ_c‖ over the class's "
-               "mean feature norm, averaged over the tail classes (risda.diagnostics).", "", *graph, ""]
+               "mean feature norm, averaged over the tail classes (risda.method.diagnostics).", "", *graph, ""]
         md += ["Which of the three reasons the numbers support:", "", *verdict(ok), ""]
         nb = neighbour_lines(ok)
         if nb:
@@ -220,7 +220,7 @@ def write_figures(runs: pd.DataFrame, folder: Path) -> list[tuple[str, Path]]:
     import matplotlib.pyplot as plt
     import torch
 
-    from ..graph_plot import plot_graph
+    from ..trainer.graph_plot import plot_graph
     ok = finished(runs)
     made = []
     rows = ok[[c[0] == "risda" and c[1] == "paper" for c in ok.cell_id]]

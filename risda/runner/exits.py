@@ -1,11 +1,11 @@
 """How a driver (tune/search.py, ablations/run.py) ends on a runtime failure: one line
 `error: <message>`, exit 1, the traceback only with --debug (`failure_exit`).
 
-A runtime failure is what risda.failures names (a divergence, a storage fault, a failed
+A runtime failure is what risda.trainer.failures names (a divergence, a storage fault, a failed
 --download), or Ray failing to read back the experiment state it could not write."""
 from __future__ import annotations
 
-from ..failures import _chain, one_line, runtime_message
+from ..trainer.failures import _chain, one_line, runtime_message
 
 # Ray's ResultGrid reads the experiment state it wrote; on a full or broken disk that state is cut short.
 RAY_STATE_HINT = ("Ray could not read back its experiment state ({what}): most likely the storage (--storage) is full or "

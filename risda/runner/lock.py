@@ -25,8 +25,8 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .. import storage
-from ..errors import ConfigError
+from ..trainer import storage
+from ..trainer.errors import ConfigError
 
 HEARTBEAT_S = 30.0
 STALE_HEARTBEATS = 4

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from ray import tune
 
-from ..config import Config
-from ..display import EMPTY, is_empty
-from ..progress import DEFAULT_LOG_EVERY, duration, log_every, plain_line
-from ..evaluate import error_names
+from ..trainer.config import RunConfig
+from ..trainer.display import EMPTY, is_empty
+from ..trainer.progress import DEFAULT_LOG_EVERY, duration, log_every, plain_line
+from ..trainer.evaluate import error_names
 from .collate import error_message
 
 
@@ -148,7 +148,7 @@ def print_top(trials, metric: str = "val_error", params=(), n: int = 10, title: 
 
 
 def trial_error_line(trial) -> str | None:
-    """The last line of a failed trial's error ('risda.trainer.DivergedError: diverged: ...'), from
+    """The last line of a failed trial's error ('risda.trainer.loop.DivergedError: diverged: ...'), from
     the error file Tune writes before it calls the callbacks (its traceback stays there, off the
     driver's log: risda.runner.cluster.quiet_tune); None if there is none."""
     path = getattr(trial, "error_file", None)
@@ -168,7 +168,7 @@ def trial_epochs(config: dict) -> int | None:
     """A trial's epochs in all: a shared stage I's (its job's config), else the run's."""
     job = config.get("job")
     if isinstance(job, dict) and "config" in job:
-        return Config.from_dict(job["config"]).resolved().stage1_epochs
+        return RunConfig.from_dict(job["config"]).stage1_epochs
     return config.get("epochs")
 
 

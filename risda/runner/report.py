@@ -30,10 +30,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import Config
-from ..data import NUM_CLASSES
-from ..display import EMPTY, error_text
-from ..evaluate import GROUPS, SELECTIONS
+from ..trainer.config import RunConfig
+from ..trainer.data import NUM_CLASSES
+from ..trainer.display import EMPTY, error_text
+from ..trainer.evaluate import GROUPS, SELECTIONS
 from .evidence import evidence_sections, write_figures
 from .ablation.spec import ARM_LABELS, DATASET_LABELS, axis_label, coerce, published_rows, value_label
 from .ablation.tables import FAILED, METRICS, NOT_RUN, OK, failure_lines, fill_from_epochs, group_axes, summarize_runs
@@ -230,7 +230,7 @@ def wall_time_lines(runs: pd.DataFrame, plan: dict) -> list[str]:
 # --- the protocol --------------------------------------------------------------------------
 def _resolved(cfg: dict) -> dict:
     try:
-        return Config.from_dict(cfg).resolved().to_dict()
+        return RunConfig.from_dict(cfg).to_dict()
     except Exception:  # noqa: BLE001 - a plan from another version: report what it says
         return dict(cfg)
 

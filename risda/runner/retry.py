@@ -14,8 +14,8 @@ import contextlib
 
 from ray import tune
 
-from ..failures import one_line
-from ..trainer import DivergedError
+from ..trainer.failures import one_line
+from ..trainer.loop import DivergedError
 from .datacheck import on_cluster
 
 CLUSTER_MAX_FAILURES = 2

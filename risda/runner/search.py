@@ -7,7 +7,7 @@ balanced validation split held out of the training pool, never on the test set: 
 search metric is the validation error of each trial's final model. Test errors (overall,
 many/medium/few) are recorded beside it.
 
-Every run flag of `python -m risda.train` is accepted (they come from risda.config). A
+Every run flag of `python -m risda.train` is accepted (they come from risda.trainer.config). A
 run flag that names a searched parameter fixes it (`--head-count 20` searches α, β only).
 
 Seeds: every trial uses the same data subset (--subset-seed) and, by default, the same
@@ -42,15 +42,15 @@ from rich.markup import escape
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from ..checkpoint import RESUMABLE_CHANGES
-from ..config import Config, ConfigError, add_config_args, check_field, config_overrides, parse_field
-from ..data import NUM_CLASSES
-from ..evaluate import error_names
-from ..failures import writing
-from ..presets import TABLE2
-from ..progress import set_log_every
-from ..stage1 import BOOKKEEPING_FIELDS, STAGE2_FIELDS, shares_stage1
-from ..storage import read_text, write_text
+from ..trainer.checkpoint import RESUMABLE_CHANGES
+from ..trainer.config import Config, ConfigError, RunConfig, add_config_args, check_field, config_overrides, parse_field
+from ..trainer.data import NUM_CLASSES
+from ..trainer.evaluate import error_names
+from ..trainer.failures import writing
+from ..trainer.presets import TABLE2
+from ..trainer.progress import set_log_every
+from ..trainer.stage1 import BOOKKEEPING_FIELDS, STAGE2_FIELDS, shares_stage1
+from ..trainer.storage import read_text, write_text
 from .cluster import (add_runner_args, check_writable, cluster_summary, experiment_uri, init_ray, quiet_tune,
                       remove_trial_scratch, restore_or_new_tuner, storage_uri, trial_resources)
 from .collate import RESULTS_INTACT, Outcome, best_trial, collate, write_parquet
@@ -88,7 +88,7 @@ def field_type(name: str) -> type:
 
 
 def parse_value(name: str, text: str):
-    """A --space choice in its field's type: risda.config.parse_field ('flase' is an error, 'none' is None)."""
+    """A --space choice in its field's type: risda.trainer.config.parse_field ('flase' is an error, 'none' is None)."""
     return parse_field(name, text)
 
 
@@ -150,11 +150,11 @@ def head_counts(num_classes: int, shares=HEAD_SHARES) -> list[int]:
     return sorted({max(1, round(f * num_classes)) for f in shares})
 
 
-def default_space(cfg: Config, num_classes: int) -> dict[str, str]:
+def default_space(cfg: RunConfig, num_classes: int) -> dict[str, str]:
     """α, β as in the paper; head_count as 10-40% of the classes, unless head classes are
     chosen by size (--head-min-count; ImageNet-LT, iNaturalist), where it does nothing."""
     space = parse_space(DEFAULT_SPACE)
-    if cfg.resolved().head_min_count is None:
+    if cfg.head_min_count is None:
         space["head_count"] = "|".join(map(str, head_counts(num_classes)))
     else:
         del space["head_count"]
@@ -209,7 +209,7 @@ def base_config(args) -> Config:
     return cfg
 
 
-def search_space(args, given: dict, cfg: Config, num_classes: int) -> dict[str, str]:
+def search_space(args, given: dict, cfg: RunConfig, num_classes: int) -> dict[str, str]:
     """--space, or the default space minus the names a run flag fixed."""
     if args.space is None:
         return {k: v for k, v in default_space(cfg, num_classes).items() if k not in given}
@@ -224,10 +224,10 @@ def default_name(cfg: Config) -> str:
     return f"search-{cfg.dataset}-{cfg.arm}-lt{cfg.imbalance:g}"
 
 
-def default_grace_period(cfg: Config) -> int:
+def default_grace_period(cfg: RunConfig) -> int:
     """The first evaluated epoch of stage II, in stage-II epochs: α, β and head_count act only
     in stage II, so before it every trial is the same run and ASHA would compare noise."""
-    c = cfg.resolved()
+    c = cfg
     first = next(e + 1 for e in range(c.stage1_epochs, c.epochs) if (e + 1) % c.eval_every == 0 or e + 1 == c.epochs)
     return first - c.stage1_epochs
 
@@ -308,12 +308,12 @@ def make_search_alg(space: dict, args, cfg: Config, storage, name: str, point: d
     return RetryingConcurrencyLimiter(searcher, max_concurrent=args.max_concurrent) if args.max_concurrent > 0 else searcher
 
 
-def make_scheduler(args, cfg: Config):
+def make_scheduler(args, cfg: RunConfig):
     if args.scheduler == "none":
         return None
     from ray.tune.schedulers import ASHAScheduler
     grace = args.grace_period or default_grace_period(cfg)
-    stage2 = cfg.epochs - cfg.resolved().stage1_epochs
+    stage2 = cfg.epochs - cfg.stage1_epochs
     if not 1 <= grace <= stage2:
         raise ConfigError(f"--grace-period must be in [1, {stage2}] (stage-II epochs), got {grace}")
     # Stage-II epochs, the only ones in which trials differ; ASHA skips the reports between
@@ -351,7 +351,7 @@ def check_same_experiment(path: str, identity: dict) -> None:
                           f"or pick another --name")
 
 
-def stage1_configs(cfg: Config, space: dict, args, console) -> list[Config] | None:
+def stage1_configs(cfg: RunConfig, space: dict, args, console) -> list[Config] | None:
     """The base configs whose stage Is the trials will fork, or None for independent trials.
 
     The searched names normally act in stage II only: one stage I serves every trial. A searched
@@ -400,7 +400,7 @@ def write_results(grid, out: Path, params: list[str], info: dict, stage1=None) -
         "trials_completed": int(len(ok)), "trials_requested": info["num_samples"],
         "trials_failed": int((trials["status"] == "ERROR").sum()), **info}
     tmp = out / "best.json.tmp"
-    with writing(best_path, RESULTS_INTACT, tmp):  # a full disk: one line, no .tmp left (risda.failures)
+    with writing(best_path, RESULTS_INTACT, tmp):  # a full disk: one line, no .tmp left (risda.trainer.failures)
         tmp.write_text(json.dumps(best_json, indent=2))
         tmp.replace(best_path)
     return trials, best
@@ -435,17 +435,18 @@ def main(argv=None, trainable=None) -> int:
     held = contextlib.ExitStack()
     try:
         cfg = base_config(args)
+        run = cfg.resolved()  # the driver's entry: what every trial's config resolves to, but the searched names
         name = args.name or default_name(cfg)
         storage = storage_uri(args.storage)
         check_writable(storage, "--storage")
         held.enter_context(hold_experiment(storage, name))  # first: one driver per experiment (risda.runner.lock)
         num_classes = NUM_CLASSES.get(cfg.dataset, 100)
         if checkable(cfg, args.address):  # bad data: one line before Ray starts (risda.runner.datacheck)
-            data_info = check_data(cfg, need_val=f"pass --val-per-class N (e.g. {DEFAULT_VAL_PER_CLASS})")
+            data_info = check_data(run, need_val=f"pass --val-per-class N (e.g. {DEFAULT_VAL_PER_CLASS})")
             num_classes = data_info["num_classes"]
             console.log(f"data: {data_info['train_size']} train / {data_info['val_size']} val / "
                         f"{data_info['test_size']} test images, {num_classes} classes ({data_info['source']})")
-        space = search_space(args, config_overrides(args), cfg, num_classes)
+        space = search_space(args, config_overrides(args), run, num_classes)
         point = paper_point(cfg.imbalance, space, num_classes) if args.enqueue_paper else None
         path = experiment_uri(storage, name)
         out = Path(args.results).expanduser().resolve() / name
@@ -457,9 +458,9 @@ def main(argv=None, trainable=None) -> int:
         identity = experiment_identity(cfg, space, args)
         if continuing:
             check_same_experiment(path, identity)
-        shared = stage1_configs(cfg, space, args, console)
+        shared = stage1_configs(run, space, args, console)
         cache_root = stage1_cache_root(args.stage1_cache, storage) if shared else None
-        make_scheduler(args, cfg)  # a bad --grace-period fails before Ray starts
+        make_scheduler(args, run)  # a bad --grace-period fails before Ray starts
         if not continuing:  # a new experiment: an older best.json is not its result
             (out / "best.json").unlink(missing_ok=True)
         owns_ray = not ray.is_initialized()  # set first: a ray.init interrupted halfway is shut down too
@@ -480,7 +481,7 @@ def main(argv=None, trainable=None) -> int:
                 train, param_space=param_space,
                 tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=args.num_samples, reuse_actors=True,
                                             search_alg=make_search_alg(space, args, cfg, study_storage, name, point),
-                                            scheduler=make_scheduler(args, cfg),
+                                            scheduler=make_scheduler(args, run),
                                             trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(
                     name=name, storage_path=storage, verbose=0,

@@ -1,4 +1,4 @@
-"""The runner's side of the shared stage I (risda.stage1 holds the key and the cache): before
+"""The runner's side of the shared stage I (risda.trainer.stage1 holds the key and the cache): before
 the stage-II trials of a search or an ablation, every distinct stage I they need and the
 cache lacks is trained, as one Ray Tune experiment of its own (`ensure_stage1`).
 """
@@ -10,9 +10,9 @@ import pandas as pd
 import ray
 from ray import tune
 
-from ..config import Config
-from ..stage1 import Stage1Cache, needs_observations, shares_stage1, stage1_key, stage1_training_config
-from ..storage import delete_dir
+from ..trainer.config import Config, RunConfig
+from ..trainer.stage1 import Stage1Cache, needs_observations, shares_stage1, stage1_key, stage1_training_config
+from ..trainer.storage import delete_dir
 from .cluster import experiment_uri, remove_trial_scratch
 from .collate import error_message
 from .progress import RichProgress
@@ -39,7 +39,7 @@ def plan_stage1(configs: list[Config]) -> dict[str, tuple[Config, bool]]:
     """{stage-I key: (the config its stage I trains with, whether it records the reference
     observations)} over the configs that share a stage I; isda and stage-I-less runs have none."""
     plan = {}
-    for cfg in configs:
+    for cfg in (c.resolved() for c in configs):  # the plan's entry: each cell resolved once
         if shares_stage1(cfg):
             key = stage1_key(cfg)
             observations = needs_observations(cfg) or plan.get(key, (None, False))[1]
@@ -88,12 +88,12 @@ def ensure_stage1(configs: list[Config], cache_root: str, storage_root: str, nam
             if result.error is not None:
                 # A trial that failed before its first report has no metrics: the key comes from its job.
                 job = (result.config or {}).get("job", {})
-                errors[stage1_key(Config.from_dict(job["config"]))] = error_message(result.error)
+                errors[stage1_key(RunConfig.from_dict(job["config"]))] = error_message(result.error)
     rows = []
     for key, (cfg, obs) in plan.items():
         info = cache.lookup(cfg, obs)
         rows.append(dict(stage1_key=key, status="ok" if info else "failed", trained_now=key in missing,
-                         observations=obs, epochs=cfg.resolved().stage1_epochs,
+                         observations=obs, epochs=cfg.stage1_epochs,
                          wall_time_s=(info or {}).get("wall_time_s"), torch_threads=(info or {}).get("torch_threads"),
                          compile=(info or {}).get("compile"), error=None if info else errors.get(key, "missing"),
                          entry=cache.entry(key)))

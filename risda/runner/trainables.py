@@ -3,7 +3,7 @@ stage II forked from a shared stage I) and `train_stage1_trial` (one shared stag
 what a trial needs around them: its scratch folder, seeds and threads, its device, the
 checkpoint Tune restores it with.
 
-The trainable takes a plain dict of risda.config.Config fields (param_space constants
+The trainable takes a plain dict of risda.trainer.config.Config fields (param_space constants
 merged with what a searcher suggests), so a trial is exactly one `risda.train` run.
 Only `ray.tune` is used inside a trial (`ray.train.report` is an error in Tune trials).
 """
@@ -22,10 +22,10 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from .. import storage
-from ..config import Config
-from ..stage1 import Stage1Cache, needs_observations, shares_stage1, stage1_key
-from ..trainer import device_name, pick_device, train
+from ..trainer import storage
+from ..trainer.config import Config, RunConfig
+from ..trainer.stage1 import Stage1Cache, needs_observations, shares_stage1, stage1_key
+from ..trainer.loop import device_name, pick_device, train
 from .lock import hold_key
 from .retry import reporting_divergence
 
@@ -46,7 +46,7 @@ def train_trial(config: dict) -> None:
     summary (`summary_*`). It attaches the trainer's checkpoint.pt as a Tune checkpoint on every
     checkpointed epoch and resumes from
     `tune.get_checkpoint()` when Tune restores the trial. With config["stage1_cache"] (a cache
-    root, see risda.stage1) a fresh trial forks stage II from the cached stage I instead of
+    root, see risda.trainer.stage1) a fresh trial forks stage II from the cached stage I instead of
     training it. Wrap it with `tune.with_resources(train_trial, trial_resources(...))`."""
     config = dict(config)
     cache_root = config.pop(STAGE1_CACHE_KEY, None)
@@ -64,7 +64,7 @@ def train_trial(config: dict) -> None:
         if cache_root and shares_stage1(cfg):
             facts["stage1_key"] = stage1_key(cfg)
         final = {}
-        stage1_epochs = cfg.resolved().stage1_epochs
+        stage1_epochs = cfg.stage1_epochs
 
         def on_epoch(record: dict, checkpoint: Path | None) -> None:
             metrics = {**record, "epochs_done": record["epoch"] + 1,
@@ -85,7 +85,7 @@ def train_trial(config: dict) -> None:
 
 
 def train_stage1_trial(config: dict) -> None:
-    """Ray Tune function trainable: the shared stage I of one stage-I key (risda.stage1).
+    """Ray Tune function trainable: the shared stage I of one stage-I key (risda.trainer.stage1).
 
     config: {"job": {"config": <Config dict>, "observations": bool, "stage1_cache": root}}.
     Reports every epoch; keeps its resumable checkpoint in the cache (<key>/partial.pt), so a
@@ -102,7 +102,7 @@ def train_stage1_trial(config: dict) -> None:
         # its entry is then found below (or, if it died, its partial checkpoint continued).
         with hold_key(f"{cache.entry(key)}.lock"):
             if cache.lookup(cfg, observations) is not None:
-                tune.report({"epochs_done": cfg.resolved().stage1_epochs, "cached": True, **facts})
+                tune.report({"epochs_done": cfg.stage1_epochs, "cached": True, **facts})
                 return
             partial = cache.partial(cfg)
             resume_from = storage.download(partial, out / "checkpoint.pt") if storage.exists(partial) else None
@@ -120,7 +120,7 @@ def train_stage1_trial(config: dict) -> None:
                                                         "precision": done["precision"], "device": facts["device"],
                                                         "torch_threads": done.get("stage1_torch_threads"),
                                                         "compile": done.get("stage1_compile"),
-                                                        "epochs": cfg.resolved().stage1_epochs, "train_size": done["train_size"],
+                                                        "epochs": cfg.stage1_epochs, "train_size": done["train_size"],
                                                         "trial_id": tune.get_context().get_trial_id()})
             storage.delete_file(partial)
 
@@ -171,11 +171,11 @@ def remove_scratch(trial_ids) -> list[Path]:
 _DATA_CACHE: dict[str, object] = {}  # per worker process; Tune reuses the actors (reuse_actors=True)
 
 
-def trial_data(cfg: Config):
+def trial_data(cfg: RunConfig):
     """The trial's splits, loaded once per worker process and data config: with reused actors
     the next trial on the same data skips the load (about 1 s of a ~9 s per-trial overhead)."""
-    from ..data import load_long_tail
-    c = cfg.resolved()
+    from ..trainer.data import load_long_tail
+    c = cfg
     key = json.dumps([c.dataset, c.data_root, c.imbalance, c.n_max, c.val_per_class, c.test_per_class, c.subset_seed,
                       c.image_size, c.pad_mode, c.cache_dir, c.num_workers, c.device])
     if key not in _DATA_CACHE:
@@ -184,17 +184,18 @@ def trial_data(cfg: Config):
     return _DATA_CACHE[key]
 
 
-def trial_facts(cfg: Config) -> dict:
+def trial_facts(cfg: RunConfig) -> dict:
     """Seeds and the machine, on every report; also seeds the trial's global RNGs and threads."""
     seed_everything(cfg.seed)
     set_torch_threads()
     return dict(device=device_name(pick_device(cfg.device)), ray_gpu_ids=",".join(map(str, ray.get_gpu_ids())),
                 node_id=ray.get_runtime_context().get_node_id(), hostname=socket.gethostname(),
-                seed=cfg.seed, subset_seed=cfg.resolved().subset_seed)
+                seed=cfg.seed, subset_seed=cfg.subset_seed)
 
 
-def trial_config(config: dict, out: Path) -> Config:
-    """The Config a trial runs: the given fields, with the run-local ones set for Tune.
+def trial_config(config: dict, out: Path) -> RunConfig:
+    """The config a trial runs, resolved once here (the trainable's entry): the given fields, with
+    the run-local ones set for Tune.
 
     out is the trial's scratch directory; progress bars are off; the device is the one Ray
     assigned (see `trial_device`); the threads are the CPUs Ray reserved (`set_torch_threads`;
@@ -204,7 +205,7 @@ def trial_config(config: dict, out: Path) -> Config:
     cfg.progress, cfg.resume = False, False
     cfg.threads, cfg.stage1_threads = None, None
     cfg.device = trial_device(cfg.device)
-    return cfg.validate()
+    return cfg.validate().resolved()
 
 
 def trial_device(requested: str) -> str:

@@ -25,9 +25,9 @@ import ray
 from ray import tune
 from rich.markup import escape
 
-from ...config import Config, ConfigError, add_config_args, config_overrides
-from ...evaluate import SUMMARY_ERRORS
-from ...progress import set_log_every
+from ...trainer.config import Config, ConfigError, add_config_args, config_overrides
+from ...trainer.evaluate import SUMMARY_ERRORS
+from ...trainer.progress import set_log_every
 from ..cluster import (add_runner_args, check_writable, cluster_summary, experiment_uri, init_ray, quiet_tune,
                        storage_uri)
 from ..collate import Outcome, write_parquet

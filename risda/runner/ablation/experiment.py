@@ -17,10 +17,10 @@ from dataclasses import fields
 
 from ray import tune
 
-from ...arms import ARMS
-from ...config import Config, ConfigError
-from ...evaluate import selected_errors
-from ...storage import read_text, write_text
+from ...trainer.arms import ARMS
+from ...trainer.config import Config, ConfigError
+from ...trainer.evaluate import selected_errors
+from ...trainer.storage import read_text, write_text
 from ..cluster import experiment_uri, remove_trial_scratch, restore_or_new_tuner, trial_resources
 from ..collate import collate
 from ..progress import RichProgress
@@ -102,7 +102,7 @@ def run_experiment(plan: dict, storage: str, name: str, cpus_per_trial: float, g
 
 
 def training_plan(plan: dict) -> dict:
-    """The plan without the cells of derived arms (risda.arms derived_from: post-hoc LA is read
+    """The plan without the cells of derived arms (risda.trainer.arms derived_from: post-hoc LA is read
     from the CE cell's evaluation), which train nothing; collation gives them back their rows."""
     derived = [a for a in plan["spec"]["grid"].get("arm", []) if ARMS[a].derived_from]
     if not derived:
@@ -113,7 +113,7 @@ def training_plan(plan: dict) -> dict:
 
 def with_derived(trials: list[dict]) -> list[dict]:
     """Each trial, and one trial per derived arm of its arm, made from the summary that the
-    trainer recorded for it (risda.trainer: summary["derived"]): same status, no epochs of its own."""
+    trainer recorded for it (risda.trainer.loop: summary["derived"]): same status, no epochs of its own."""
     out = []
     for t in trials:
         out.append(t)
@@ -167,7 +167,7 @@ def trial_params(path: str) -> dict:
 
 
 def summary_from_epochs(epochs, row: dict) -> dict:
-    """The trainer's summary fields (risda.trainer.summarize) from a trial's reported epochs."""
+    """The trainer's summary fields (risda.trainer.loop.summarize) from a trial's reported epochs."""
     out = dict(epochs_run=row.get("epochs_run"), wall_time_s=row.get("wall_time_s"), completed=bool(row.get("completed")))
     if epochs is None or not len(epochs) or "test_error" not in epochs:
         return out

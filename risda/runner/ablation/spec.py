@@ -55,10 +55,10 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from ...arms import ARMS
-from ...config import VARIANTS, Config, ConfigError, parse_field
-from ...data import NUM_CLASSES
-from ...presets import TABLE2
+from ...trainer.arms import ARMS
+from ...trainer.config import VARIANTS, Config, ConfigError, parse_field
+from ...trainer.data import NUM_CLASSES
+from ...trainer.presets import TABLE2
 
 try:
     import tomllib
@@ -82,7 +82,7 @@ HYPERPARAMETERS = ("alpha", "beta", "head_count", "head_min_count", "cb_gamma", 
 DATA_FIELDS = ("dataset", "data_root", "imbalance", "n_max", "val_per_class", "test_per_class",
                "subset_seed", "image_size")
 
-ARM_LABELS = {name: arm.label for name, arm in ARMS.items()}  # declared in risda.arms
+ARM_LABELS = {name: arm.label for name, arm in ARMS.items()}  # declared in risda.trainer.arms
 AXIS_LABELS = {"arm": "arm", "imbalance": "λ", "alpha": "α", "beta": "β", "head_count": "head classes",
                "variant": "variant", "seed": "seed"}
 DATASET_LABELS = {"cifar10lt": "CIFAR-10-LT", "cifar100lt": "CIFAR-100-LT", "imagefolder": "ImageFolder",
@@ -108,7 +108,7 @@ def value_label(axis: str, value) -> str:
 
 def coerce(axis: str, value):
     """A grid value in its Config field's type: text (--grid, --imbalance, a TOML string) through
-    risda.config.parse_field ('none', 'true', '160,180'); typed values converted as they are
+    risda.trainer.config.parse_field ('none', 'true', '160,180'); typed values converted as they are
     (TOML `200` -> 200.0 for imbalance; a NaN from a parquet column -> None for an optional field)."""
     tp = _FIELD_TYPES[axis]
     optional = type(None) in typing.get_args(tp)
@@ -234,7 +234,7 @@ def check_published(paper_numbers: dict, bad) -> None:
             if row.get("arm") is not None and row["arm"] not in ARMS:
                 bad(f"[[paper.{ds}]] row {row['method']!r}: unknown arm {row['arm']!r}: choose from {', '.join(ARMS)} or leave it out")
             if row.get("arm") is not None and row["method"] not in ARMS[row["arm"]].published:
-                bad(f"[[paper.{ds}]] row {row['method']!r} is matched to arm {row['arm']!r}, which risda.arms declares as "
+                bad(f"[[paper.{ds}]] row {row['method']!r} is matched to arm {row['arm']!r}, which risda.trainer.arms declares as "
                     f"exactly {list(ARMS[row['arm']].published) or 'no published method'}: leave `arm` out, or fix the method")
             if not isinstance(row["errors"], dict):
                 bad(f"[[paper.{ds}]] row {row['method']!r}: errors must be a table {{ \"<λ>\" = <error> }}")

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from ...display import EMPTY
-from ...diagnostics import DIAGNOSTIC_TEXT, DIAGNOSTICS, TUNED
-from ...evaluate import GROUPS, SELECTIONS, SUMMARY_ERRORS, selected_errors
+from ...trainer.display import EMPTY
+from ...method.diagnostics import DIAGNOSTIC_TEXT, DIAGNOSTICS, TUNED
+from ...trainer.evaluate import GROUPS, SELECTIONS, SUMMARY_ERRORS, selected_errors
 from .spec import (DATASET_LABELS, axis_label, cell_key, coerce, format_key, plan_cells, published_label, published_rows,
                    value_label)
 
-# Error columns (%) taken from a trial's summary (risda.evaluate: the three epoch selections,
+# Error columns (%) taken from a trial's summary (risda.trainer.evaluate: the three epoch selections,
 # SELECTIONS, and the best validation error); the first four are the paper's.
 METRICS = SUMMARY_ERRORS
 _WORDS = ("top-1", *(f"{g}-shot" for g in GROUPS))  # as each selection lists them: overall, then the groups
@@ -255,7 +255,7 @@ def cell_text(r: dict | None, metric: str, digits: int = 2) -> tuple[str, str]:
     mean, std = r[f"{metric}_mean"], r[f"{metric}_std"]
     val = "" if math.isnan(mean) else f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
     if r["status"] == OK:
-        return (val or EMPTY), ""  # an empty group (no few-shot class): risda.display
+        return (val or EMPTY), ""  # an empty group (no few-shot class): risda.trainer.display
     if r["status"] == FAILED:
         return f"FAILED ({r['n_failed']}/{r['n_runs']})", "bold red"
     if r["status"] == NOT_RUN:
@@ -358,7 +358,7 @@ def failure_lines(runs: pd.DataFrame, limit: int = 20, width: int = 150) -> list
         err = [l.strip() for l in (r.error or "").strip().splitlines() if l.strip()]
         last = err[-1] if err else ""  # a traceback's last line is the exception
         head, sep, rest = last.partition(": ")
-        if sep and "." in head and " " not in head:  # risda.trainer.DivergedError -> DivergedError
+        if sep and "." in head and " " not in head:  # risda.trainer.loop.DivergedError -> DivergedError
             last = f"{head.rsplit('.', 1)[-1]}: {rest}"
         prefix = f"{r.status}: {r.cell}: "
         room = max(60, width - len(prefix))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .augment import CIFAR_MEAN, CIFAR_STD, normalize, random_crop_flip
-from .config import Config, ConfigError
+from .config import Config, ConfigError, RunConfig, require_resolved
 from .longtail import LongTailData, cap_per_class, long_tail_counts, long_tail_indices
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -161,8 +161,11 @@ def read_source(cfg: Config) -> dict:
             x_train, y_train = read_cifar_pickle(folder, train=True)
             x_test, y_test = read_cifar_pickle(folder, train=False)
             classes = cifar_class_names(folder)
-        except (OSError, KeyError, pickle.UnpicklingError, ValueError) as e:
-            raise ConfigError(f"{folder} is not in torchvision's CIFAR format ({e}); delete it and rerun with --download") from e
+        except (OSError, EOFError, KeyError, pickle.UnpicklingError, ValueError) as e:
+            from .failures import one_line
+            raise ConfigError(f"{folder} is incomplete or not in torchvision's CIFAR format ({type(e).__name__}: "
+                              f"{one_line(e)[:160]}): unpack its archive again into {root} (a half-unpacked copy "
+                              f"lacks files or ends early), or delete it and rerun with --download") from e
         source = f"cifar-pickle:{folder}"
     elif (root / "train").is_dir() and (root / "test").is_dir():
         x_train, y_train, classes = read_image_tree(root / "train", cfg.image_size, cfg.cache_dir)
@@ -206,9 +209,9 @@ class TensorSplit:
             yield normalize(x, self.mean, self.std), y
 
 
-def load_long_tail(cfg: Config, device: torch.device) -> LongTailData:
+def load_long_tail(cfg: RunConfig, device: torch.device) -> LongTailData:
     """Builds the long-tailed training subset, the balanced validation split and the test set."""
-    cfg = cfg.resolved()
+    require_resolved(cfg, "load_long_tail")
     if cfg.dataset in ("imagenetlt", "inat2018"):
         from .data_disk import load_disk_dataset
         return load_disk_dataset(cfg, device)

@@ -1,7 +1,7 @@
 """Which precision a run trains in: `--precision auto | fp32 | bf16`.
 
 fp32 and bf16 are taken as asked (bf16 = autocast to bfloat16 around the forward pass; the
-RISDA statistics and loss stay fp32 whatever is asked, see risda.method). `auto` picks bf16 only
+RISDA statistics and loss stay fp32 whatever is asked, see risda.trainer.risda_objective). `auto` picks bf16 only
 where bf16 autocast is *fast*, not merely possible, and fp32 everywhere else:
 
   CUDA   bf16 when the device has native bf16 tensor cores (compute capability 8.0+, Ampere and

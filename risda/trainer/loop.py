@@ -19,12 +19,12 @@ import torch
 from .arms import ARMS
 from .checkpoint import load_checkpoint, load_stage1_checkpoint, save_checkpoint
 from .compile import compile_forward, resolve_compile
-from .config import Config
+from .config import Config, RunConfig
 from .data import LongTailData, load_long_tail
-from .diagnostics import graph_summary
+from ..method.diagnostics import graph_summary
 from .evaluate import logit_errors, selected_errors, shot_groups, split_logits
 from .failures import RunFailure, divergence_hint, writing
-from .method import SharedStage1
+from .risda_objective import SharedStage1
 from .models import build_model
 from .objectives import POSTHOC_TAUS, Objective
 from .precision import resolve_precision
@@ -52,20 +52,20 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def lr_at(cfg: Config, epoch: int) -> float:
+def lr_at(cfg: RunConfig, epoch: int) -> float:
     """Linear warm-up, then ×lr_decay at each milestone (paper: ×0.01 at 160 and 180)."""
     if epoch < cfg.warmup_epochs:
         return cfg.lr * (epoch + 1) / cfg.warmup_epochs
     return cfg.lr * cfg.lr_decay ** sum(epoch >= m for m in cfg.lr_milestones)
 
 
-def epoch_generator(cfg: Config, epoch: int, device: torch.device) -> torch.Generator:
+def epoch_generator(cfg: RunConfig, epoch: int, device: torch.device) -> torch.Generator:
     # One generator per epoch, seeded from (seed, epoch): a resumed run draws the same
     # batches and crops as an uninterrupted one without saving RNG state.
     return torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch)
 
 
-def observe_generator(cfg: Config, epoch: int, device: torch.device) -> torch.Generator:
+def observe_generator(cfg: RunConfig, epoch: int, device: torch.device) -> torch.Generator:
     # The extra augmented passes of the reference variant draw from their own stream, so they
     # leave the training batches (and a shared stage I) exactly as they would be without them.
     return torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch + 500_000_000)
@@ -99,19 +99,19 @@ def batch_norm_buffers(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
             for b in m.buffers()]
 
 
-def make_objective(cfg: Config, class_counts: list[int], feature_dim: int, device: torch.device,
+def make_objective(cfg: RunConfig, class_counts: list[int], feature_dim: int, device: torch.device,
                    stage1_only: bool = False, observe_reference: bool = False) -> Objective:
-    """The arm's objective (risda.arms); with stage1_only, the stage I it shares: plain CE for the
+    """The arm's objective (risda.trainer.arms); with stage1_only, the stage I it shares: plain CE for the
     arms whose stage I is CE, the arm's own objective for those that train it from epoch 0."""
     if stage1_only and ARMS[cfg.arm].stage1 == "ce":
         return SharedStage1(cfg, class_counts, feature_dim, device, observe_reference)
     return ARMS[cfg.arm].objective(cfg, class_counts, feature_dim, device)
 
 
-def derived_objectives(cfg: Config, class_counts, feature_dim, device) -> dict[str, Objective]:
-    """The arms that train exactly cfg's run and differ only in evaluation (risda.arms
+def derived_objectives(cfg: RunConfig, class_counts, feature_dim, device) -> dict[str, Objective]:
+    """The arms that train exactly cfg's run and differ only in evaluation (risda.trainer.arms
     derived_from): their errors are recorded beside the run's own, under `<arm>__<error>`."""
-    return {name: arm.objective(dataclasses.replace(cfg, arm=name).resolved(), class_counts, feature_dim, device)
+    return {name: arm.objective(dataclasses.replace(cfg, arm=name), class_counts, feature_dim, device)
             for name, arm in ARMS.items() if arm.derived_from == cfg.arm}
 
 
@@ -140,7 +140,7 @@ def tune_adjustment(model, data, groups, autocast, objective: Objective) -> dict
                 **{f"tuned_{k}": v for k, v in test.items()})
 
 
-def check_diverged(loss_sum: torch.Tensor, seen: int, cfg: Config, epoch: int, lr: float, out: Path) -> None:
+def check_diverged(loss_sum: torch.Tensor, seen: int, cfg: RunConfig, epoch: int, lr: float, out: Path) -> None:
     """A mean loss that is not finite, or finite but exploded (a stage-II loss of 1e24 is not a
     result), stops the run. One host sync per epoch."""
     loss = (loss_sum / max(seen, 1)).item()
@@ -153,7 +153,7 @@ def check_diverged(loss_sum: torch.Tensor, seen: int, cfg: Config, epoch: int, l
         + divergence_hint(cfg.variant, cfg.stage1_epochs, cfg.epochs, epoch))
 
 
-def epoch_threads(cfg: Config, epoch: int, threads: int) -> int:
+def epoch_threads(cfg: RunConfig, epoch: int, threads: int) -> int:
     """torch's intra-op threads for an epoch: --stage1-threads in stage I (if given), else `threads`."""
     return cfg.stage1_threads if epoch < cfg.stage1_epochs and cfg.stage1_threads else threads
 
@@ -176,7 +176,7 @@ def train(cfg: Config, on_epoch: EpochCallback | None = None, resume_from: Path 
     """Train one run; writes <out>/summary.json, <out>/epochs.parquet, <out>/checkpoint.pt.
 
     stage1_only: train stage I alone and stop; the last checkpoint is then the stage-I
-    checkpoint that risda.stage1 shares (CE, plus the reference variant's observations if
+    checkpoint that risda.trainer.stage1 shares (CE, plus the reference variant's observations if
     observe_reference). stage1_from: fork stage II from such a checkpoint (same stage-I key).
 
     Runs on cfg.threads torch threads (cfg.stage1_threads in stage I; None: the count torch has)
@@ -192,7 +192,7 @@ def train(cfg: Config, on_epoch: EpochCallback | None = None, resume_from: Path 
 
 def _train(cfg: Config, on_epoch: EpochCallback | None, resume_from: Path | None, data: LongTailData | None,
            stage1_from: Path | None, stage1_only: bool, observe_reference: bool) -> dict:
-    cfg = cfg.validate().resolved()
+    cfg = cfg.validate().resolved()  # the trainer's entry: everything below takes this RunConfig
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     threads = torch.get_num_threads()  # stage II's, and stage I's unless cfg.stage1_threads
@@ -240,7 +240,7 @@ def _train(cfg: Config, on_epoch: EpochCallback | None, resume_from: Path | None
     last_epoch = cfg.stage1_epochs if stage1_only else cfg.epochs
     steps = math.ceil(len(data.train) / cfg.batch_size) * (last_epoch - start_epoch)
     compiled, compile_reason = resolve_compile(cfg.compile, device, precision, steps)
-    forward = compile_forward(model, device) if compiled else model  # the same parameters (risda.compile)
+    forward = compile_forward(model, device) if compiled else model  # the same parameters (risda.trainer.compile)
     speed = dict(compile=compiled, compile_reason=compile_reason, torch_threads=threads)
 
     def extract(augment: bool = False, batch_stats: bool = False):
@@ -313,7 +313,7 @@ def _train(cfg: Config, on_epoch: EpochCallback | None, resume_from: Path | None
     if objective.eval_adjustment is not None:
         summary.update(tuned(objective))
     if derived:  # each derived arm's summary, as if it were its own run (it trains nothing)
-        summary["derived"] = {name: {**summarize(dataclasses.replace(cfg, arm=name).resolved(), data,
+        summary["derived"] = {name: {**summarize(dataclasses.replace(cfg, arm=name), data,
                                                  [derived_record(r, name) for r in history], device, 0.0, precision),
                                      **stage1_info, **tuned(d), "epochs_run": 0, "derived_from": cfg.arm}
                               for name, d in derived.items()}
@@ -335,12 +335,12 @@ def derived_record(record: dict, name: str) -> dict:
 
 def write_graph(out: Path, graph, class_names: list[str]) -> list | None:
     """<out>/graph.parquet: ε as a table (one row per class, a column per class, names as given),
-    and <out>/graph.png (risda.graph_plot) beside it. Returns ε as lists for the summary where
+    and <out>/graph.png (risda.trainer.graph_plot) beside it. Returns ε as lists for the summary where
     C <= HEATMAP_MAX_CLASSES (a Ray trial's folder is scratch: the runner redraws it from that)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .diagnostics import dense_graph
+    from ..method.diagnostics import dense_graph
     from .graph_plot import HEATMAP_MAX_CLASSES, plot_graph
     eps = dense_graph(graph).float().cpu()
     table = pa.table({"class": class_names, **{name: eps[:, j].tolist() for j, name in enumerate(class_names)}})
@@ -351,7 +351,7 @@ def write_graph(out: Path, graph, class_names: list[str]) -> list | None:
     return {"classes": list(class_names), "eps": [[round(float(v), 6) for v in row] for row in eps]}
 
 
-def summarize(cfg: Config, data: LongTailData, history: list[dict], device, wall_time: float, precision: str) -> dict:
+def summarize(cfg: RunConfig, data: LongTailData, history: list[dict], device, wall_time: float, precision: str) -> dict:
     evaluated = [r for r in history if "test_error" in r]
     last = evaluated[-1]
     with_val = [r for r in evaluated if "val_error" in r]
@@ -385,7 +385,7 @@ def write_outputs(out: Path, summary: dict, history: list[dict]) -> None:
     intact = (f"the checkpoint of the last epoch ({out / 'checkpoint.pt'}) is intact: free space and rerun the same "
               f"command with --resume, which writes the summary without training again")
     tmp = out / "summary.json.tmp"
-    with writing(out / "summary.json", intact, tmp):  # a full disk: one line, no .tmp left (risda.failures)
+    with writing(out / "summary.json", intact, tmp):  # a full disk: one line, no .tmp left (risda.trainer.failures)
         tmp.write_text(json.dumps(summary, indent=2))
         tmp.replace(out / "summary.json")
     rows = [r for r in history if "test_error" in r]

@@ -13,7 +13,7 @@ def error_names(prefix: str = "") -> tuple[str, ...]:
     return (f"{prefix}error", *(f"{prefix}{g}_error" for g in GROUPS))
 
 
-# A run's summary (risda.trainer.summarize) holds the test errors, overall and per group, of three
+# A run's summary (risda.trainer.loop.summarize) holds the test errors, overall and per group, of three
 # evaluated epochs: the last one, the one with the lowest validation error, and the one with the
 # lowest test error (model selection on test: what the literature reports, never used for a choice).
 _LAST = ("test_error", *(f"{g}_error" for g in GROUPS))

@@ -96,7 +96,7 @@ class TrainProgress:
             self.bar.update(self.task, advance=n, status=f"loss {loss.item():.3f}")
 
     def label(self, epoch: int | None = None) -> str:
-        stage = "I" if epoch is not None and epoch < self.cfg.resolved().stage1_epochs else "II"
+        stage = "I" if epoch is not None and epoch < self.cfg.stage1_epochs else "II"
         if epoch is None:
             return f"{self.cfg.arm} epoch {self.done_images // max(self.train_size, 1) + 1}/{self.last_epoch}"
         return f"{self.cfg.arm} stage {stage} epoch {epoch + 1}/{self.last_epoch}"

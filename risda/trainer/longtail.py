@@ -1,5 +1,5 @@
 """The long-tailed subset (LDAM-DRW's recipe, Cao et al. 2019) and what a dataset loader returns:
-shared by the in-memory datasets (risda.data) and the on-disk ones (risda.data_disk), so that
+shared by the in-memory datasets (risda.trainer.data) and the on-disk ones (risda.trainer.data_disk), so that
 each of those depends on this module and neither on the other.
 """
 from __future__ import annotations
@@ -38,8 +38,8 @@ def cap_per_class(labels: np.ndarray, cap: int | None) -> np.ndarray:
 
 
 class Split(Protocol):
-    """A split as the trainer reads it: risda.data.TensorSplit (in memory) or
-    risda.data_disk.DiskSplit (on disk)."""
+    """A split as the trainer reads it: risda.trainer.data.TensorSplit (in memory) or
+    risda.trainer.data_disk.DiskSplit (on disk)."""
     labels: Any  # (N,) int64 on the training device
 
     def __len__(self) -> int: ...

@@ -1,6 +1,6 @@
 """What the knowledge graph lends, measured: ours, not the paper's (which shows no graph).
 
-Read once at the switch to stage II and once at the end of training (risda.method), never per
+Read once at the switch to stage II and once at the end of training (risda.trainer.risda_objective), never per
 step. Three quantities tell apart why reasoning does or does not pay on a dataset:
   - how much of ε is off the diagonal (1 − ε_cc, what eq. 4-5 read), and how many tail rows
     borrow nothing at all (a memorised training set makes eq. 3 the identity);
@@ -20,7 +20,7 @@ NEIGHBOURS = 3  # top neighbours listed per tail class
 DIAGNOSTICS = ("graph_offdiag_tail", "graph_offdiag_all", "graph_empty_tail", "graph_train_error",
                "reason_cov_ratio_first", "reason_cov_ratio_last", "reason_mean_ratio_first", "reason_mean_ratio_last")
 DIAGNOSTIC_TEXT = ("graph_neighbours", "graph")
-# Post-hoc logit adjustment's τ tuned on validation (risda.trainer.tune_adjustment).
+# Post-hoc logit adjustment's τ tuned on validation (risda.trainer.loop.tune_adjustment).
 TUNED = ("tuned_tau", "tuned_val_error", "tuned_test_error", "tuned_test_many_error", "tuned_test_medium_error",
          "tuned_test_few_error")
 

@@ -59,7 +59,7 @@ def upload(local: Path, uri: str) -> None:
 
 
 def _writing(fs, uri: str, tmp: str):
-    """A write to `uri` through `tmp` (risda.failures.writing): on a failure tmp is deleted; a
+    """A write to `uri` through `tmp` (risda.trainer.failures.writing): on a failure tmp is deleted; a
     storage fault is StorageFault, and the file at `uri` is as it was (the move is the last step)."""
     def remove():
         if fs.get_file_info(tmp).type != pyarrow.fs.FileType.NotFound:

@@ -1,7 +1,7 @@
 """The arms, each declared once: its objective, its table label, which stage I it trains and
 whether its stage II forks from it, which published methods it may be matched with.
 
-Config validation, `risda.trainer.make_objective`, `risda.stage1.stage1_key` and the runner's
+Config validation, `risda.trainer.loop.make_objective`, `risda.trainer.stage1.stage1_key` and the runner's
 labels all read `ARMS`. A new arm is one objective class and one entry here.
 
 stage1:
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
-from .method import Parts, RISDAObjective
-from .objectives import (DeferredLogitAdjustedLoss, DeferredReweighting, LDAMDRW, LogitAdjustedLoss, Objective,
+from .risda_objective import Parts, RISDAObjective
+from .objectives import (DeferredLogitAdjustedObjective, DeferredReweighting, LDAMDRWObjective, LogitAdjustedObjective, Objective,
                          PosthocLogitAdjusted)
 
 
@@ -60,13 +60,13 @@ ARMS: dict[str, Arm] = {
     "ce_drw": Arm(DeferredReweighting, "CE-DRW"),
     "ce_posthoc_la": Arm(PosthocLogitAdjusted, "CE + post-hoc LA (τ=1)", derived_from="ce", fields=("la_tau",),
                          published=("Logit adjustment, post-hoc",)),
-    "la_loss": Arm(LogitAdjustedLoss, "LA loss (τ=1) = Balanced Softmax", stage1="own", stage1_name="la_loss",
+    "la_loss": Arm(LogitAdjustedObjective, "LA loss (τ=1) = Balanced Softmax", stage1="own", stage1_name="la_loss",
                    stage1_fields=("la_tau",), fields=("la_tau",), published=("Logit-adjusted loss", "Balanced Softmax")),  # the same loss at τ = 1
-    "balanced_softmax": Arm(LogitAdjustedLoss, "Balanced Softmax", stage1="own", stage1_name="la_loss",
+    "balanced_softmax": Arm(LogitAdjustedObjective, "Balanced Softmax", stage1="own", stage1_name="la_loss",
                             stage1_fields=("la_tau",), fields=("la_tau",), fixed={"la_tau": 1.0}, fixed_as="la_loss",
                             published=("Balanced Softmax",)),
-    "la_deferred": Arm(DeferredLogitAdjustedLoss, "CE → LA loss from stage II (deferred; ours)", fields=("la_tau",)),
-    "ldam_drw": Arm(LDAMDRW, "LDAM-DRW", stage1="own", stage1_name="ldam", normed_classifier=True,
+    "la_deferred": Arm(DeferredLogitAdjustedObjective, "CE → LA loss from stage II (deferred; ours)", fields=("la_tau",)),
+    "ldam_drw": Arm(LDAMDRWObjective, "LDAM-DRW", stage1="own", stage1_name="ldam", normed_classifier=True,
                     stage1_fields=("ldam_max_margin", "ldam_scale"), fields=("ldam_max_margin", "ldam_scale"),
                     published=("LDAM-DRW",)),
 }

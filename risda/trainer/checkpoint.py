@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError, _flag
+from .config import Config, ConfigError, RunConfig, _flag, require_resolved
 from .failures import writing
 
 # Fields that may differ between an interrupted run and its resumption.
@@ -17,7 +17,7 @@ CHECKPOINT_KEYS = {"config", "model", "optimizer", "objective", "epoch", "histor
 
 def save_checkpoint(path: Path, cfg: Config, **state) -> None:
     tmp = path.with_suffix(".tmp")
-    # A full or broken disk: StorageFault naming what is intact, and no .tmp left (risda.failures).
+    # A full or broken disk: StorageFault naming what is intact, and no .tmp left (risda.trainer.failures).
     with writing(path, intact_checkpoint(path), tmp):
         torch.save({"config": cfg.to_dict(), **state}, tmp)
         os.replace(tmp, path)  # a crash mid-write never leaves a torn checkpoint
@@ -59,11 +59,12 @@ def check_checkpoint(path: Path, cfg: Config) -> dict:
     return load_checkpoint(path, cfg, mmap=True)
 
 
-def load_checkpoint(path: Path, cfg: Config, mmap: bool = False) -> dict:
+def load_checkpoint(path: Path, cfg: RunConfig, mmap: bool = False) -> dict:
+    require_resolved(cfg, "load_checkpoint")
     state = read_checkpoint(path, mmap)
-    saved, now = state["config"], cfg.resolved().to_dict()
+    saved, now = state["config"], cfg.to_dict()
     # a field newer than the checkpoint ran at its default; compare both sides resolved, as written
-    saved = Config.from_dict({k: v for k, v in saved.items() if k in now}).resolved().to_dict()
+    saved = RunConfig.from_dict({k: v for k, v in saved.items() if k in now}).to_dict()
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:
         diffs = ", ".join(f"{_flag(k)}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
@@ -73,7 +74,7 @@ def load_checkpoint(path: Path, cfg: Config, mmap: bool = False) -> dict:
 
 
 def load_stage1_checkpoint(path: Path, cfg: Config) -> dict:
-    """A shared stage-I checkpoint (risda.stage1) for cfg: its stage-I fields must be cfg's."""
+    """A shared stage-I checkpoint (risda.trainer.stage1) for cfg: its stage-I fields must be cfg's."""
     from .stage1 import stage1_fields
     state = read_checkpoint(path)
     saved, now = stage1_fields(Config.from_dict(state["config"])), stage1_fields(cfg)
@@ -82,7 +83,7 @@ def load_stage1_checkpoint(path: Path, cfg: Config) -> dict:
         diffs = ", ".join(f"{_flag(k)}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
         raise ConfigError(f"the stage-I checkpoint {path} was trained for another stage I ({diffs}); "
                           f"the runner keys its cache by these fields, so this is a stale or misplaced file")
-    if state["epoch"] + 1 != cfg.resolved().stage1_epochs:
+    if state["epoch"] + 1 != cfg.stage1_epochs:
         raise ConfigError(f"{path} ends at epoch {state['epoch'] + 1}, not at the end of stage I "
-                          f"({cfg.resolved().stage1_epochs}): it is not a stage-I checkpoint")
+                          f"({cfg.stage1_epochs}): it is not a stage-I checkpoint")
     return state

@@ -2,7 +2,7 @@
 
 The CLI applies a preset first and the flags typed beside it on top (`config.config_overrides`),
 so `--preset imagenetlt-r50 --epochs 10` is the paper's ImageNet-LT recipe cut to 10 epochs.
-In Python: `risda.config.preset_config("imagenetlt-r50", data_root=..., epochs=10)`.
+In Python: `risda.trainer.config.preset_config("imagenetlt-r50", data_root=..., epochs=10)`.
 
 Also the paper's own hyperparameters (`TABLE2`), which the search and the ablations start from.
 This module imports nothing from risda: it is plain data.

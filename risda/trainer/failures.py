@@ -1,5 +1,5 @@
 """Runtime failures a run reports as one line `error: <message>` with exit 1 (bad input is
-risda.errors.ConfigError, exit 2): a storage fault while writing, a failed download. Each
+risda.trainer.errors.ConfigError, exit 2): a storage fault while writing, a failed download. Each
 message names what failed, why, what is intact and what to do.
 
 `writing(path, intact)` turns a write that fails for lack of space, an I/O error or a

@@ -2,7 +2,7 @@
 
 Images are decoded and augmented by DataLoader workers (`cfg.num_workers`) with the usual
 ResNet-50 transforms and reach the trainer through `DiskSplit`, which has the interface of
-`risda.data.TensorSplit`: `labels` (on the device), `len()`, and
+`risda.trainer.data.TensorSplit`: `labels` (on the device), `len()`, and
 `batches(batch_size, train, generator)` yielding normalised float (x, y) on the device.
 
 Training order AND augmentation come from the generator the trainer passes: it draws the
@@ -282,7 +282,6 @@ def load_disk_dataset(cfg: Config, device: torch.device) -> LongTailData:
     --n-max caps every class's training images (a seeded per-class shuffle picks which);
     --test-per-class caps the test and val splits (the first images of each class);
     --imbalance is ignored: these datasets are long-tailed as they come."""
-    cfg = cfg.resolved()
     src = read_disk_source(cfg)
     root, splits, num_classes = src["root"], src["splits"], src["num_classes"]
     train_files, y_train, train_name = splits["train"]

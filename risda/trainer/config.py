@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 
 from .arms import ARMS
 from .errors import ConfigError
-from .graph import DEFAULT_TEMPERATURE, GRAPH_SOURCES
+from ..method.graph import DEFAULT_TEMPERATURE, GRAPH_SOURCES
 from .presets import PRESETS, apply_preset
 
 DATASETS = ("cifar10lt", "cifar100lt", "imagefolder", "imagenetlt", "inat2018")
@@ -27,10 +27,10 @@ MODELS = ("resnet32", "resnet50")
 
 @dataclass
 class Config:
-    preset: str | None = field(default=None, metadata={"help": "fill the paper's schedule for a dataset (risda.presets: imagenetlt-r50, inat2018-r50); flags given beside it win"})
+    preset: str | None = field(default=None, metadata={"help": "fill the paper's schedule for a dataset (risda.trainer.presets: imagenetlt-r50, inat2018-r50); flags given beside it win"})
     # --- data -------------------------------------------------------------------------
     dataset: str = field(default="cifar10lt", metadata={"help": f"one of {', '.join(DATASETS)}"})
-    data_root: str = field(default="data", metadata={"help": "torchvision CIFAR folder, or an ImageFolder tree <root>/train/<class>/*, <root>/test/<class>/*; for imagenetlt/inat2018 the folder of their list/JSON files (risda.data_disk)"})
+    data_root: str = field(default="data", metadata={"help": "torchvision CIFAR folder, or an ImageFolder tree <root>/train/<class>/*, <root>/test/<class>/*; for imagenetlt/inat2018 the folder of their list/JSON files (risda.trainer.data_disk)"})
     download: bool = field(default=False, metadata={"help": "download CIFAR with torchvision if it is missing (needs internet)"})
     imbalance: float = field(default=100.0, metadata={"help": "imbalance factor λ = n_max / n_min (1 keeps the tree as it is)"})
     n_max: int | None = field(default=None, metadata={"help": "images of the largest class (default: all a class has, 500/5000 on CIFAR)"})
@@ -54,9 +54,9 @@ class Config:
     lr_decay: float = 0.01
     warmup_epochs: int | None = field(default=None, metadata={"help": "linear lr warm-up epochs (default: 5 of 200, scaled with --epochs; 0 in the reference variant)"})
     seed: int = field(default=0, metadata={"help": "seed of model init, batch order and augmentation"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast where it is measured faster than fp32: CUDA with native bf16, CPUs with AVX512-BF16 or AMX; see risda.precision), fp32, or bf16"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast where it is measured faster than fp32: CUDA with native bf16, CPUs with AVX512-BF16 or AMX; see risda.trainer.precision), fp32, or bf16"})
     channels_last: bool = False
-    compile: str = field(default="auto", metadata={"help": "torch.compile the backbone's training forward: auto (where it is measured to pay: CUDA, CPU fp32, runs of 1000+ steps; see risda.compile), on, or off"})
+    compile: str = field(default="auto", metadata={"help": "torch.compile the backbone's training forward: auto (where it is measured to pay: CUDA, CPU fp32, runs of 1000+ steps; see risda.trainer.compile), on, or off"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
     pad_mode: str | None = field(default=None, metadata={"help": "crop padding: zeros (default) or reflect (reference variant)"})
     # --- method -----------------------------------------------------------------------
@@ -69,9 +69,9 @@ class Config:
     cb_gamma: float = field(default=0.9999, metadata={"help": "γ of the class-balanced weights (eq. 12)"})
     covariance: str = field(default="full", metadata={"help": "full, diag or lowrank:K"})
     graph_topk: int | None = field(default=None, metadata={"help": "keep the k strongest neighbours per class in the knowledge graph (default: dense)"})
-    graph_source: str = field(default="confusion", metadata={"help": f"where the knowledge graph ε comes from: {', '.join(GRAPH_SOURCES)} (confusion is the paper's eq. 3; the others are ours, risda.graph)"})
+    graph_source: str = field(default="confusion", metadata={"help": f"where the knowledge graph ε comes from: {', '.join(GRAPH_SOURCES)} (confusion is the paper's eq. 3; the others are ours, risda.method.graph)"})
     graph_temperature: float | None = field(default=None, metadata={"help": "temperature of the soft and prototype graph sources (default: 1 for soft, 0.1 for prototype; soft at -> 0 is confusion)"})
-    # --- the field's baselines (risda.arms; published values as defaults) ----------------
+    # --- the field's baselines (risda.trainer.arms; published values as defaults) ----------------
     la_tau: float = field(default=1.0, metadata={"help": "τ of logit adjustment (la_loss, ce_posthoc_la; Menon et al. 2021: 1)"})
     ldam_max_margin: float = field(default=0.5, metadata={"help": "LDAM's largest margin (Cao et al. 2019: 0.5)"})
     ldam_scale: float = field(default=30.0, metadata={"help": "LDAM's logit scale s (Cao et al. 2019: 30)"})
@@ -85,30 +85,11 @@ class Config:
     stage1_threads: int | None = field(default=None, metadata={"help": "threads of the stage-I epochs (default: --threads). A search trial's shared stage I may have run on more threads than its stage II: --config best.json sets both"})
 
     # ------------------------------------------------------------------------------
-    def resolved(self) -> "Config":
-        """A copy with every derived default filled in (what a run actually used)."""
-        c = dataclasses.replace(self)
-        reference = c.variant == "reference"
-        if c.subset_seed is None:
-            c.subset_seed = 42 if reference else 0
-        if c.pad_mode is None:
-            c.pad_mode = "reflect" if reference else "zeros"
-        if c.warmup_epochs is None:
-            c.warmup_epochs = 0 if reference else int(5 * c.epochs / 200)
-        if c.stage1_epochs is None:
-            c.stage1_epochs = int(0.8 * c.epochs)
-        if c.lr_milestones is None:
-            c.lr_milestones = (int(0.8 * c.epochs), int(0.9 * c.epochs))
-        if c.image_size is None:
-            c.image_size = 224 if c.model == "resnet50" else 32
-        if c.head_min_count is None and c.dataset in ("imagenetlt", "inat2018"):
-            c.head_min_count = 100  # paper: classes with more than 100 images are head
-        if c.graph_temperature is None:
-            c.graph_temperature = DEFAULT_TEMPERATURE.get(c.graph_source, 1.0)
-        for name, value in ARMS[c.arm].fixed.items() if c.arm in ARMS else ():
-            setattr(c, name, value)
-        c.lr_milestones = tuple(int(m) for m in c.lr_milestones)
-        return c
+    def resolved(self) -> "RunConfig":
+        """This config with every derived default filled in: what a run actually uses. Called once,
+        where a run enters (the CLI, the Ray trainable, the replay, a driver's plan); everything
+        below takes the RunConfig."""
+        return RunConfig(**{f.name: getattr(self, f.name) for f in fields(Config)})
 
     def validate(self) -> "Config":
         """Raise ConfigError naming the flag and the fix; returns self for chaining."""
@@ -149,7 +130,7 @@ class Config:
             bad(f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}")
         if self.pad_mode not in (None, "zeros", "reflect"):
             bad(f"unknown pad mode {self.pad_mode!r}: choose zeros or reflect")
-        s1 = self.resolved().stage1_epochs
+        s1 = self.stage1_epochs if self.stage1_epochs is not None else default_stage1_epochs(self.epochs)
         if not 0 <= s1 < self.epochs:
             bad(f"stage-I epochs ({s1}) must be in [0, epochs={self.epochs}): stage II needs at least one epoch; lower --stage1-epochs")
         cov = self.covariance
@@ -220,6 +201,55 @@ _BOOLS = tuple(n for n, tp in _FIELD_TYPES.items() if tp is bool)
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
+
+def require_resolved(cfg, where: str) -> None:
+    """A function below a run's entry takes a RunConfig: a plain Config here is a programming error
+    (its derived fields are still None), caught before it computes with them."""
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(f"{where} takes a resolved config: pass cfg.resolved() (risda.trainer.config.RunConfig)")
+
+
+def default_stage1_epochs(epochs: int) -> int:
+    return int(0.8 * epochs)
+
+
+@dataclass
+class RunConfig(Config):
+    """A Config resolved: every derived default filled in at construction (`Config.resolved()`, or
+    `RunConfig.from_dict` of a recorded one), so a function that takes a RunConfig reads derived
+    fields as given and never resolves again. The derived defaults and their sources:
+    subset seed 0 (42 in the reference variant, the authors' seed), zero padding (reflect in the
+    reference), 5 warm-up epochs of 200 (0 in the reference), stage I the first 80% of the
+    epochs, lr milestones at 80% and 90%, 32×32 images for ResNet-32 (224 for ResNet-50), head =
+    classes with more than 100 images on ImageNet-LT and iNaturalist (the paper), the graph
+    source's default temperature, and the fields an arm pins (risda.trainer.arms)."""
+
+    def __post_init__(self):
+        reference = self.variant == "reference"
+        if self.subset_seed is None:
+            self.subset_seed = 42 if reference else 0
+        if self.pad_mode is None:
+            self.pad_mode = "reflect" if reference else "zeros"
+        if self.warmup_epochs is None:
+            self.warmup_epochs = 0 if reference else int(5 * self.epochs / 200)
+        if self.stage1_epochs is None:
+            self.stage1_epochs = default_stage1_epochs(self.epochs)
+        if self.lr_milestones is None:
+            self.lr_milestones = (int(0.8 * self.epochs), int(0.9 * self.epochs))
+        if self.image_size is None:
+            self.image_size = 224 if self.model == "resnet50" else 32
+        if self.head_min_count is None and self.dataset in ("imagenetlt", "inat2018"):
+            self.head_min_count = 100  # paper: classes with more than 100 images are head
+        if self.graph_temperature is None:
+            self.graph_temperature = DEFAULT_TEMPERATURE.get(self.graph_source, 1.0)
+        for name, value in ARMS[self.arm].fixed.items() if self.arm in ARMS else ():
+            setattr(self, name, value)
+        self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
+
+    def resolved(self) -> "RunConfig":
+        return self  # resolved at construction
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -288,7 +318,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls=Config, skip=()) -> Non
     """One flag per dataclass field; defaults are left as None-sentinels so that only the
     flags a user typed override a spec or a base config (see `config_overrides`)."""
     hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group("run configuration (risda.config.Config)")
+    group = parser.add_argument_group("run configuration (risda.trainer.config.Config)")
     for f in fields(cls):
         if f.name in skip:
             continue
@@ -311,5 +341,5 @@ def config_overrides(args: argparse.Namespace, cls=Config) -> dict:
 
 
 def preset_config(name: str, **overrides) -> Config:
-    """A Config with preset `name` (risda.presets) and `overrides` on top."""
+    """A Config with preset `name` (risda.trainer.presets) and `overrides` on top."""
     return Config(**apply_preset({"preset": name, **overrides}))

@@ -32,7 +32,7 @@ def augmented_logits(logits: torch.Tensor, labels: torch.Tensor, weight: torch.T
 
     weight: the classifier matrix W (C,D); gradients flow to it (through Δw) and to logits.
     cov: the covariance to use per class: (C,D,D), variances (C,D) for a diagonal one, or a
-    LowRank (U Uᵀ + diag per class, risda.stats).
+    LowRank (U Uᵀ + diag per class, risda.method.stats).
     mu_r: the mean shift per class (C,D), or None for none. cov and mu_r are constants.
     classes: if given (sorted), row r of cov and mu_r belongs to class classes[r] (it must
     hold every label), so a caller can pass only the classes in the batch.

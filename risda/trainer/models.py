@@ -6,9 +6,10 @@ a 64-d feature and a linear classifier with bias.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..method.baselines import NormedLinear
 
 
 class BasicBlock(nn.Module):
@@ -76,18 +77,6 @@ class ResNet50(nn.Module):
     def forward(self, x):
         features = self.backbone(x)
         return features, self.classifier(features)
-
-
-class NormedLinear(nn.Module):
-    """The cosine classifier of LDAM-DRW's released code (`NormedLinear`): z_j = cos(f, w_j), no
-    bias, initialised as theirs (uniform, rows renormalised). `weight` is (C, D) as nn.Linear's."""
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-1, 1).renorm_(2, 0, 1e-5).mul_(1e5))
-
-    def forward(self, x):
-        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).T
 
 
 def build_model(name: str, num_classes: int, normed_classifier: bool = False) -> nn.Module:

@@ -73,11 +73,11 @@ def load_checkpoint(path: Path, cfg: RunConfig, mmap: bool = False) -> dict:
     return state
 
 
-def load_stage1_checkpoint(path: Path, cfg: Config) -> dict:
+def load_stage1_checkpoint(path: Path, cfg: RunConfig) -> dict:
     """A shared stage-I checkpoint (risda.trainer.stage1) for cfg: its stage-I fields must be cfg's."""
     from .stage1 import stage1_fields
     state = read_checkpoint(path)
-    saved, now = stage1_fields(Config.from_dict(state["config"])), stage1_fields(cfg)
+    saved, now = stage1_fields(RunConfig.from_dict(state["config"])), stage1_fields(cfg)
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:
         diffs = ", ".join(f"{_flag(k)}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Study C (issue 24): CIFAR-100-LT λ = 100 on the paper's protocol, in the order the issue asks for.
+# Run it from a checkout pinned at one commit (the study's cells must come from one version of the
+# code), with the CIFAR-100 copy unpacked at DATA (README, Data). Every step resumes when rerun:
+# a finished experiment is re-collated, an interrupted one continues from its checkpoints.
+#   git worktree add ../study <commit> && cd ../study && DATA=../data bash ablations/study_c.sh
+set -u
+DATA=${DATA:-data}
+LOG=${LOG:-study-logs}
+mkdir -p "$LOG"
+run() { name=$1; shift; echo "$(date +%T) start $name" >> "$LOG/driver.log"
+  python ablations/run.py --data-root "$DATA" --name "$name" "$@" >> "$LOG/$name.log" 2>&1
+  echo "$(date +%T) end $name rc=$?" >> "$LOG/driver.log"; }
+# seed 0, every arm (RISDA's settings: batch 100, weight decay 5e-4, Nesterov; one shared CE stage I)
+run study-c --spec cifar100lt_paper --arms ce,ce_drw,risda,no_reasoning,cov_only,no_reweight,ce_posthoc_la --seeds 0
+run study-c-prototype --spec cifar100lt_paper --arms risda --grid graph_source=prototype --seeds 0
+# the external check: CE and LDAM-DRW under LDAM-DRW's own settings (batch 128, weight decay 2e-4)
+run study-c-ldam --spec cifar100lt_ldam --seeds 0
+# the baselines with their own stage I, under RISDA's settings
+run study-c-baselines --spec cifar100lt_paper --arms ldam_drw,la_loss --seeds 0
+# the authors' released code: their subset (seed 42), reflect padding, no warm-up (its own stage I)
+run study-c-reference --spec cifar100lt_paper --arms risda --grid variant=reference --subset-seed 42 \
+    --pad-mode reflect --warmup-epochs 0 --seeds 0
+# seeds 1-2 of the core arms
+run study-c-s12 --spec cifar100lt_paper --arms ce,ce_drw,risda,no_reasoning,cov_only,ce_posthoc_la --seeds 1,2
+run study-c-prototype-s12 --spec cifar100lt_paper --arms risda --grid graph_source=prototype --seeds 1,2

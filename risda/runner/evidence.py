@@ -180,7 +180,8 @@ def tuned_tau_table(ok: pd.DataFrame) -> list[str]:
     return markdown_lines(table, "l" + "r" * 5)
 
 
-def evidence_sections(runs: pd.DataFrame, results_dirs: list[Path]) -> list[str]:
+def evidence_sections(runs: pd.DataFrame, results_dirs: list[Path], folder: Path | None = None) -> list[str]:
+    """The sections; with `folder`, the paired differences' figure is written there and shown under its table."""
     ok = finished(runs)
     if not len(ok):
         return []
@@ -189,6 +190,9 @@ def evidence_sections(runs: pd.DataFrame, results_dirs: list[Path]) -> list[str]
           "seeds where both finished. Negative: A has the lower error.", ""]
     table, words = paired_table(ok)
     md += table + ["", *words, ""]
+    from .paired_figure import plot_paired
+    figure = plot_paired(runs, folder / "paired_differences.png") if folder is not None else None
+    md += [f"![Paired differences per seed, mean ± 95% interval]({figure.name})", ""] if figure else []
     graph = graph_table(ok)
     if graph:
         md += ["## The knowledge graph", "",

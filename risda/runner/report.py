@@ -440,7 +440,7 @@ def render(out: Outputs, commands: list[str] | None = None, out_path: Path | Non
                *results_tables(extra.plan, extra.summary, published=False)]
         runs = pd.concat([runs, extra.runs], ignore_index=True)
         bad = runs[runs.status != OK]
-    md += evidence_sections(runs, [o.results for o in studies])
+    md += evidence_sections(runs, [o.results for o in studies], out_path.parent if out_path is not None else None)
     if out_path is not None:
         figures = write_figures(runs, out_path.parent)
         md += [f"![{title}]({os.path.relpath(path, out_path.parent)})" for title, path in figures] + ([""] if figures else [])

@@ -61,6 +61,7 @@ from .lock import hold_experiment
 from .progress import RichProgress, driver_console, print_top
 from .retry import NoRetryWhenDiverged, max_failures
 from .search_figures import write_search_figures
+from .trackers import check_trackers, tracker_callbacks
 from .stage1 import Stage1Failed, Stage1Interrupted, describe_stage1, ensure_stage1, stage1_cache_root
 from .trainables import STAGE1_CACHE_KEY, absolute_paths, train_trial, trial_dirname
 
@@ -439,6 +440,7 @@ def main(argv=None, trainable=None) -> int:
     held = contextlib.ExitStack()
     try:
         cfg = base_config(args)
+        check_trackers(args.tracker)  # a missing extra: one line, before anything starts
         name = args.name or default_name(cfg)
         storage = storage_uri(args.storage)
         check_writable(storage, "--storage")
@@ -488,7 +490,8 @@ def main(argv=None, trainable=None) -> int:
                                             trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(
                     name=name, storage_path=storage, verbose=0,
-                    callbacks=[NoRetryWhenDiverged(), RichProgress(args.num_samples, METRIC, params)],
+                    callbacks=[NoRetryWhenDiverged(), RichProgress(args.num_samples, METRIC, params),
+                               *tracker_callbacks(args.tracker, name, out)],
                     failure_config=tune.FailureConfig(max_failures=args.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
 

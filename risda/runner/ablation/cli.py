@@ -40,6 +40,7 @@ from ..retry import max_failures
 from ..progress import driver_console
 from ..provenance import ablation_command, code_state
 from ..paired_figure import plot_paired
+from ..trackers import check_trackers, tracker_callbacks
 from ..stage1 import Stage1Failed, Stage1Interrupted, describe_stage1, stage1_cache_root
 from ..trainables import absolute_paths
 from .experiment import load_results, run_experiment, saved_plan, training_plan, trials_from_grid
@@ -212,6 +213,7 @@ def run(args, console, argv=()) -> int:
 
 
 def run_held(args, console, argv, held: contextlib.ExitStack) -> int:
+    check_trackers(args.tracker)  # a missing extra: one line, before anything starts
     plan = plan_from_args(args)
     name = args.name or plan["spec"]["name"]
     results_dir = Path(args.results) / name
@@ -290,7 +292,7 @@ def run_held(args, console, argv, held: contextlib.ExitStack) -> int:
                 grid, restored, stage1 = run_experiment(
                     plan, storage, name, args.cpus_per_trial, args.gpus_per_trial, restart=args.restart,
                     progress=args.progress, max_failures=args.max_failures, stage1_cache=cache,
-                    retry_errored=args.retry_errored)
+                    retry_errored=args.retry_errored, trackers=tracker_callbacks(args.tracker, name, results_dir))
             except Stage1Interrupted as e:
                 console.print(f"[yellow]interrupted:[/] {e}")
                 return 130

@@ -114,6 +114,8 @@ def test_wandb_offline_logs_each_cell_s_config_epochs_and_final_errors(cifar10_r
     results = tmp_path / "results" / "tracked"
     runs = pd.read_parquet(results / "runs.parquet").set_index("trial_id")
     epochs = pd.read_parquet(results / "epochs.parquet")
+    # TensorBoard needs no flag: Ray Tune wrote each trial's event file into its folder (README)
+    assert len(list((tmp_path / "ray" / "tracked").glob("*/events.out.tfevents.*"))) == len(runs)
     logs = sorted(results.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(logs) == len(runs) == 2
     for log in logs:

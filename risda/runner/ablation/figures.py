@@ -96,7 +96,7 @@ def draw_along_y(ax, plan, panel, runs, metric, published, extra: bool):
 
 
 # --- several λ: lines over the column axis -------------------------------------------------
-def x_positions(axis: str, cols: list) -> tuple[list[float], bool]:
+def x_positions(cols: list) -> tuple[list[float], bool]:
     """(x of each column value, log scale?): the values themselves where numeric, else 0, 1, 2..."""
     if all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in cols):
         xs = [float(c) for c in cols]
@@ -107,7 +107,7 @@ def x_positions(axis: str, cols: list) -> tuple[list[float], bool]:
 def draw_over_x(ax, plan, panel, runs, metric, published):
     """One line per row (mean ± std), its seeds as points; `published`: (colour, label, {col: value})."""
     spec = plan["spec"]
-    xs, log = x_positions(spec["cols"], panel.cols)
+    xs, log = x_positions(panel.cols)
     not_ok, rows = {}, present_rows(panel)
     for i, rk in enumerate(rows):
         colour, at = f"C{i % 10}", dodge(xs, log, i, len(rows))

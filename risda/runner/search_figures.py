@@ -72,6 +72,9 @@ def alpha_beta_figure(trials: pd.DataFrame):
         best = done.loc[done[METRIC].idxmin()]
         ax.scatter([best.alpha], [best.beta], marker="*", s=320, color="gold", edgecolors="black", zorder=4,
                    label=f"best: {best[METRIC]:.2f} (α {best.alpha:.3g}, β {best.beta:.3g})")
+    for axis, set_lim in (("alpha", ax.set_xlim), ("beta", ax.set_ylim)):  # every trial inside, the star too
+        lo, hi = trials[axis].min(), trials[axis].max()
+        set_lim(lo - 0.06 * (hi - lo or 1), hi + 0.06 * (hi - lo or 1))
     ax.set_xlabel("α (the reasoned mean's weight)")
     ax.set_ylabel("β (the covariance's weight)")
     ax.set_title(f"{len(done)} finished trials in α × β" + (", every head count" if "head_count" in trials else ""), fontsize=9)
@@ -83,8 +86,9 @@ def optuna_figures(study) -> dict:
     """Optuna's own matplotlib plots of the study: {file name: Figure}."""
     if len(study.trials) < 2:
         return {}
+    import matplotlib
     from optuna.visualization import matplotlib as vis
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), matplotlib.rc_context():  # Optuna sets the ggplot style: for its own plots only
         warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
         history = vis.plot_optimization_history(study, target_name=LABEL)
         slices = vis.plot_slice(study, target_name=LABEL)

@@ -2,6 +2,7 @@
 both feeding the same ResNet-32 training step, measured side by side in one run.
 
     python bench/bench_data.py --data-root ../shared/data/cifar10-jpeg --steps 30
+    python bench/bench_data.py --smoke                    # tiny sizes, a few seconds (the test suite runs it)
 """
 from __future__ import annotations
 
@@ -59,8 +60,14 @@ def main():
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: a few seconds that check the script runs "
+                                                         "(the test suite runs it; the numbers mean nothing)")
     args = p.parse_args()
-    cfg = Config(dataset="cifar10lt", data_root=args.data_root, imbalance=1, device="cpu").resolved()
+    small = {}
+    if args.smoke:
+        args.steps, args.batch_size, args.workers, args.rounds = 2, 8, 0, 1
+        small = dict(n_max=20, test_per_class=5)
+    cfg = Config(dataset="cifar10lt", data_root=args.data_root, imbalance=1, device="cpu", **small).resolved()
     data = load_long_tail(cfg.resolved(), torch.device("cpu"))
     model = resnet32(10)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

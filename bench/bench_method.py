@@ -13,6 +13,7 @@
     python bench/bench_method.py                 # both, on cuda if available
     python bench/bench_method.py --part b --reps 30
     python bench/bench_method.py --part a --classes 200 --dim 512   # a smaller (a)
+    python bench/bench_method.py --smoke                         # tiny sizes, a few seconds (the test suite runs it)
 
 On a small, shared CPU box run it with OMP_NUM_THREADS=1: with more threads than free cores
 every small op spin-waits, and the loss's many small ops suffer most.
@@ -123,7 +124,7 @@ def part_a(C, D, N, device):
               f"time {i['seconds'] / r['seconds']:.2f}x  ({U} classes in the batch; same logits)")
 
 
-def part_b(device, reps):
+def part_b(device, reps, warmup=3, batch=100):
     from risda.trainer.config import Config
     from risda.trainer.data import long_tail_counts
     from risda.trainer.loop import make_objective
@@ -137,7 +138,7 @@ def part_b(device, reps):
     objective = make_objective(cfg, counts, model.feature_dim, dev)
     train_labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)]).to(dev)
 
-    def extract():  # random features and predictions: a dense knowledge graph, the costly case
+    def extract(augment=False, batch_stats=False):  # random features and predictions: a dense knowledge graph, the costly case
         n = len(train_labels)
         return torch.randn(n, 64, device=dev).relu(), torch.randn(n, 100, device=dev), train_labels
 
@@ -150,8 +151,8 @@ def part_b(device, reps):
             torch.cuda.synchronize()
 
     def step(risda):
-        x = torch.randn(100, 3, 32, 32, generator=g).to(dev)
-        y = train_labels[torch.randint(0, len(train_labels), (100,), generator=g).to(dev)]
+        x = torch.randn(batch, 3, 32, 32, generator=g).to(dev)
+        y = train_labels[torch.randint(0, len(train_labels), (batch,), generator=g).to(dev)]
         sync()
         start = time.perf_counter()
         features, logits = model(x)
@@ -170,7 +171,7 @@ def part_b(device, reps):
         sync()
         return time.perf_counter() - start, loss_seconds
 
-    for _ in range(3):  # warm-up
+    for _ in range(warmup):
         step(True), step(False)
     ce, risda = [], []
     for r in range(reps):  # interleaved, alternating which goes first
@@ -178,7 +179,7 @@ def part_b(device, reps):
             (risda if is_risda else ce).append(step(is_risda))
     ce_med, risda_med = (statistics.median(t for t, _ in v) for v in (ce, risda))
     ce_loss, risda_loss = (statistics.median(t for _, t in v) for v in (ce, risda))
-    print(f"(b) ResNet-32 training step, batch 100, 100 classes, {device}, {reps} interleaved repetitions")
+    print(f"(b) ResNet-32 training step, batch {batch}, 100 classes, {device}, {reps} interleaved repetitions")
     print(f"  whole step: CE {ce_med * 1e3:.1f} ms, RISDA {risda_med * 1e3:.1f} ms (medians); "
           f"RISDA / CE = {risda_med / ce_med:.3f} (target <= 1.05)")
     print(f"  loss call alone (statistics, reasoning, augmented logits): CE {ce_loss * 1e3:.2f} ms, "
@@ -193,15 +194,19 @@ def main():
     p.add_argument("--dim", type=int, default=2048)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition: a few seconds that check the "
+                                                         "script runs (the numbers mean nothing)")
     p.add_argument("--worker", choices=("risda", "isda"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.smoke:
+        args.classes, args.dim, args.batch, args.reps = 20, 32, 16, 1
     if args.worker:
         return worker(args.worker, args.classes, args.dim, args.batch, args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.part in ("a", "all"):
         part_a(args.classes, args.dim, args.batch, args.device)
     if args.part in ("b", "all"):
-        part_b(args.device, args.reps)
+        part_b(args.device, args.reps, *((1, 8) if args.smoke else ()))
 
 
 if __name__ == "__main__":

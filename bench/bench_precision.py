@@ -11,6 +11,7 @@ alike. images/s is the median over rounds.
     python bench/bench_precision.py                      # cuda if available, else cpu
     python bench/bench_precision.py --device cpu --rounds 6 --steps 5
     python bench/bench_precision.py --channels-last
+    python bench/bench_precision.py --smoke                # tiny sizes, a few seconds (the test suite runs it)
 
 On a small, shared CPU box pass --threads 1 (or OMP_NUM_THREADS=1): with more threads than
 free cores every op spin-waits and the measurement says more about the neighbours.
@@ -63,7 +64,11 @@ def main():
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: a few seconds that check the script runs "
+                                                         "(the test suite runs it; the numbers mean nothing)")
     args = p.parse_args()
+    if args.smoke:
+        args.rounds, args.steps, args.warmup, args.batch_size = 2, 1, 1, 8
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)

@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python bench/bench_scale.py                       # the whole table, a few minutes on a CPU
     python bench/bench_scale.py --scales cifar100 imagenetlt --forms diag lowrank:16
     python bench/bench_scale.py --device cuda
+    python bench/bench_scale.py --smoke                                 # a tiny scale, a few seconds (the test suite runs it)
 
 Scales: CIFAR-100 (C=100, D=64, dense ε), ImageNet-LT (1000, 2048) and iNaturalist 2018
 (8142, 2048), both with a top-k ε (--topk), long-tailed class counts (500…5, 1280…5,
@@ -49,10 +50,11 @@ SCALES = {  # name: (classes, dim, largest class, smallest class, graph top-k or
     "cifar100": (100, 64, 500, 5, None),
     "imagenetlt": (1000, 2048, 1280, 5, "topk"),
     "inat2018": (8142, 2048, 1000, 2, "topk"),
+    "tiny": (10, 16, 50, 2, None),  # --smoke
 }
 FORMS = ("full", "diag", "lowrank:16", "lowrank:32")
 BATCH = 128
-SAMPLES_PER_CLASS = {"cifar100": 16, "imagenetlt": 3, "inat2018": 3}  # the synthetic pass prepare() reads
+SAMPLES_PER_CLASS = {"cifar100": 16, "imagenetlt": 3, "inat2018": 3, "tiny": 4}  # the synthetic pass prepare() reads
 NEIGHBOURS = 8          # classes each class is confused with in the synthetic predictions
 
 
@@ -216,13 +218,17 @@ def table(results):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scales", nargs="+", default=list(SCALES), choices=list(SCALES))
+    p.add_argument("--scales", nargs="+", default=[s for s in SCALES if s != "tiny"], choices=list(SCALES))
     p.add_argument("--forms", nargs="+", default=list(FORMS))
     p.add_argument("--topk", type=int, default=5, help="graph top-k at ImageNet-LT and iNaturalist scale")
     p.add_argument("--reps", type=int, default=None, help="timed steps (default 5 at CIFAR scale, 1 above)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--worker", nargs=2, metavar=("SCALE", "FORM"), help=argparse.SUPPRESS)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: a few seconds that check the script runs "
+                                                         "(the test suite runs it; the numbers mean nothing)")
     args = p.parse_args()
+    if args.smoke:
+        args.scales, args.forms, args.reps = ["tiny"], ["full", "diag"], 1
     if args.worker:
         print(json.dumps(worker(*args.worker, args.topk, args.reps, args.device)))
         return

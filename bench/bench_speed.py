@@ -15,6 +15,7 @@ clock change hits all alike; images/s is the median over rounds, with the range.
     python bench/bench_speed.py --quick                    # 3 rounds of 3 steps
     python bench/bench_speed.py --modes eager+fp32+contiguous,bf16 --threads 1
     python bench/bench_speed.py --packing --modes none     # only the packing measurement
+    python bench/bench_speed.py --smoke                    # two eager modes and packing, tiny: a few seconds (the test suite)
 
 A mode is backend+precision+format (eager|compiled|cudagraphs, fp32|bf16, contiguous|channels_last);
 --modes keeps those that carry every '+'-joined word of any comma-separated pattern.
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from risda.trainer.models import build_model
 from risda.trainer.precision import cpu_flags, cpuinfo_flags, resolve_precision
 
-BATCH, CLASSES = 100, 10
+BATCH, CLASSES = 100, 10  # BATCH: --batch-size
 FLOPS_FALLBACK = 0.43e9  # fwd+bwd FLOP per image, if FlopCounterMode fails (2 per multiply-add)
 
 
@@ -274,7 +275,7 @@ def run_group(mode: str, n: int, threads: int, seconds: float, warmup: int) -> f
     """Aggregate images/s of n processes with `threads` threads each, timed together."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, __file__, "--child", mode, "--threads-child", str(threads), "--seconds", str(seconds),
-           "--warmup", str(warmup), "--device", "cpu"]
+           "--warmup", str(warmup), "--device", "cpu", "--batch-size", str(BATCH)]
     procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env) for _ in range(n)]
     for p in procs:
         if p.stdout.readline().strip() != "ready":
@@ -306,11 +307,13 @@ def bench_packing(args, device):
 
 
 def main():
+    global BATCH  # --batch-size
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--modes", default=None, help="comma-separated patterns of '+'-joined words (default: all; 'none': no modes)")
     p.add_argument("--threads", default="1,2", help="torch thread counts on CPU (default: 1,2)")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=BATCH, help=f"images per step (default: {BATCH})")
     p.add_argument("--steps", type=int, default=5, help="training steps per round and mode")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode first (compiles the compiled modes)")
     p.add_argument("--quick", action="store_true", help="3 rounds of 3 steps, 2 warm-up steps; packing 2 rounds of 10 s")
@@ -323,7 +326,13 @@ def main():
     p.add_argument("--warm-cache", action="store_true", help="keep torch's inductor cache (default: a fresh one, cold compile)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--threads-child", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--smoke", action="store_true", help="eager fp32 and bf16 at 1 thread, one step each, and half a "
+                   "second of packing: a few seconds that check the script runs (the test suite; the numbers mean nothing)")
     args = p.parse_args()
+    if args.smoke:
+        args.modes, args.threads, args.rounds, args.steps, args.warmup = "eager+contiguous", "1", 1, 1, 1
+        args.packing, args.packing_rounds, args.seconds, args.batch_size = True, 1, 0.5, 8
+    BATCH = args.batch_size
     if args.quick:
         args.rounds, args.steps, args.warmup, args.packing_rounds, args.seconds = 3, 3, 2, 2, 10
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)

@@ -3,6 +3,7 @@ side by side in one run, through the real command lines (each with its own stora
 
     python bench/bench_stage1.py                      # 6-trial search + 4-arm ablation, 20 epochs
     python bench/bench_stage1.py --epochs 10 --n-max 200 --parts search
+    python bench/bench_stage1.py --smoke        # a 2-trial search of 2 epochs, n_max 100 (the test suite)
 
 Prints, for each part, the training epochs that ran (the shared stage I counted once) and the
 wall time of the whole command, and their ratios. Stage I is 80% of the epochs, so N trials cost
@@ -59,10 +60,14 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=6)
     p.add_argument("--parts", default="search,ablation")
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the embedded Ray, all to one trial at a time")
+    p.add_argument("--smoke", action="store_true", help="the search part at tiny sizes (2 trials, 2 epochs, 100 images in the largest "
+                   "class): checks the script runs; Ray's start-up makes it a minute, not seconds")
     args = p.parse_args()
+    if args.smoke:
+        args.epochs, args.n_max, args.trials, args.parts = 2, 100, 2, "search"
     stage1_epochs = int(0.8 * args.epochs)
     common = ["--dataset", "cifar10lt", "--data-root", args.data_root, "--imbalance", "100", "--n-max", str(args.n_max),
-              "--epochs", str(args.epochs), "--eval-every", str(args.epochs), "--test-per-class", "100",
+              "--epochs", str(args.epochs), "--eval-every", str(args.epochs), "--test-per-class", "10" if args.smoke else "100",
               "--precision", "fp32", "--num-cpus", str(args.cpus), "--cpus-per-trial", str(args.cpus)]
     work = Path(tempfile.mkdtemp(prefix="bench_stage1-"))
     rows = []

@@ -13,6 +13,8 @@
 # On the GPU machine:   bash bench/gpu_check.sh                # run(..., carry=["data/cifar10lt_r100.npz"], timeout_s=600)
 #                       (carry ".whl" too if you bring wheels: WHEELS=.whl, installed with --no-index)
 # CPU smoke test:       TINY=1 bash bench/gpu_check.sh         # ~2-4 min on 2 cores; packs a tiny subset itself
+#                       bash bench/gpu_check.sh --smoke        # TINY cut to the bone: fp32 timing only, a 2-epoch
+#                                                              # "full" run, 2 concurrent processes (no Ray); the test suite runs it
 #
 # Knobs (env): PACK, WHEELS, PYTHON, BUDGET_S (whole script, default 560), FULL_BUDGET_S, TUNE_BUDGET_S,
 # TIME_EPOCHS, TUNE_EPOCHS, HEAD_COUNT (default 2: 20% of the classes, as 20 of 100 on CIFAR-100),
@@ -21,6 +23,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 TINY=${TINY:-0}
+SMOKE=0; if [ "${1:-}" = --smoke ]; then TINY=1; SMOKE=1; CONCURRENT=${CONCURRENT:-processes}; fi
 PY=${PYTHON:-python3}
 OUT=${OUT:-$REPO/runs/gpu_check}
 WHEELS=${WHEELS:-.whl}
@@ -37,12 +40,14 @@ if [ "$TINY" = 1 ]; then
   BUDGET_S=${BUDGET_S:-600}; FULL_BUDGET_S=${FULL_BUDGET_S:-90}; TUNE_BUDGET_S=${TUNE_BUDGET_S:-150}
   TIME_EPOCHS=${TIME_EPOCHS:-4}; FULL_EPOCHS=4; TUNE_EPOCHS=${TUNE_EPOCHS:-1}; DEVICE=cpu; THREADS=1
   PACK=${PACK:-$WORK/tiny.npz}; NMAX_FLAG="--n-max 30 --lr 0.02"; IMB=10  # lr: see time_epochs
+  [ "$SMOKE" = 1 ] && FULL_EPOCHS=2
 else
   BUDGET_S=${BUDGET_S:-560}; FULL_BUDGET_S=${FULL_BUDGET_S:-300}; TUNE_BUDGET_S=${TUNE_BUDGET_S:-150}
   TIME_EPOCHS=${TIME_EPOCHS:-8}; FULL_EPOCHS=200; TUNE_EPOCHS=${TUNE_EPOCHS:-20}; DEVICE=auto; THREADS=2
   PACK=${PACK:-data/cifar10lt_r100.npz}; NMAX_FLAG=""; IMB=100
 fi
 HEAD_COUNT=${HEAD_COUNT:-2}
+N_CONCURRENT=4; [ "$SMOKE" = 1 ] && N_CONCURRENT=2  # the processes of step 4 when Ray is not used
 CONCURRENT=${CONCURRENT:-auto}  # auto: tune/search.py when ray+optuna import, else processes
 echo "{}" >"$WORK/figures.json"
 # fig KEY JSON: merge one figure into figures.json (and copy it to $OUT at once, in case we are killed)
@@ -120,6 +125,7 @@ EOF
 }
 for spec in "fp32:--precision fp32" "bf16_cl:--precision bf16 --channels-last"; do
   name=${spec%%:*}
+  [ "$SMOKE" = 1 ] && [ "$name" != fp32 ] && continue
   log "timing $TIME_EPOCHS epochs ($name, arm $ARM)"
   if time_epochs $name ${spec#*:}; then
     fig "epoch_time_$name" "$(cat "$WORK/time-$name.json")"
@@ -179,9 +185,9 @@ print(json.dumps(dict(mode='tune/search.py (ray)', rc=$rc, wall_s=$wall, epochs=
 else
   why="ray/optuna not importable"
   [ "$CONCURRENT" = processes ] && why="CONCURRENT=processes"
-  log "$why: 4 concurrent risda.train processes instead, $TUNE_EPOCHS epochs each, budget ${budget}s"
+  log "$why: $N_CONCURRENT concurrent risda.train processes instead, $TUNE_EPOCHS epochs each, budget ${budget}s"
   t0=$SECONDS; pids=""
-  for i in 0 1 2 3; do
+  for i in $(seq 0 $((N_CONCURRENT - 1))); do
     OMP_NUM_THREADS=$THREADS timeout $budget "$PY" -m risda.train $DATA_FLAGS --arm $ARM --epochs $TUNE_EPOCHS --seed $i \
       --val-per-class 20 --eval-every $TUNE_EPOCHS --out "$WORK/conc/$i" --no-progress >"$WORK/conc-$i.log" 2>&1 &
     pids="$pids $!"
@@ -193,7 +199,7 @@ import glob, json, sys
 work, why, wall, epochs, rcs = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 runs = [json.load(open(f)) for f in sorted(glob.glob(work + "/conc/*/summary.json"))]
 images = sum(r["train_size"] * r["epochs_run"] for r in runs)
-print(json.dumps(dict(mode=f"4 concurrent risda.train processes ({why})", finished=len(runs), exit_codes=rcs, wall_s=wall, epochs=epochs,
+print(json.dumps(dict(mode=f"{len(rcs.split(','))} concurrent risda.train processes ({why})", finished=len(runs), exit_codes=rcs, wall_s=wall, epochs=epochs,
                       aggregate_images_per_s=images / wall if wall else None,
                       per_run=[dict(wall_time_s=r["wall_time_s"], images_per_s=r["images_per_s"], test_error=r["test_error"]) for r in runs])))
 EOF

@@ -16,6 +16,7 @@
 #               python ablations/run.py --spec cifar10lt_full --from-runs <files_at>/runs --arms risda --grid variant=reference --name study-b-reference
 #               python ablations/report.py --results results/study-b ...
 #   CPU smoke test: TINY=1 bash bench/gpu_study.sh                   # a few minutes on 2 cores
+#                   bash bench/gpu_study.sh --smoke                  # TINY, 2 epochs, 2 cells: the test suite runs it
 #
 # Knobs (env): SEEDS (model seeds, default "0"; the packed subset is seed 0's, so further seeds vary
 # the model only), PRECISION (default auto: bf16 where it is faster), BUDGET_S (whole script, default
@@ -24,6 +25,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 TINY=${TINY:-0}
+SMOKE=0; if [ "${1:-}" = --smoke ]; then TINY=1; SMOKE=1; fi
 PY=${PYTHON:-python3}
 OUT=${OUT:-$REPO/runs/gpu_study}
 SEEDS=${SEEDS:-0}
@@ -38,6 +40,7 @@ log() { echo "[gpu_study $(date +%T) +${SECONDS}s] $*" | tee -a "$LOG" >&2; }
 if [ "$TINY" = 1 ]; then
   BUDGET_S=${BUDGET_S:-900}; EPOCHS=5; DEVICE=cpu; PACK=${PACK:-$WORK/tiny.npz}; IMB=10
   SIZE_FLAGS="--n-max 30 --lr 0.02 --warmup-epochs 0 --eval-every 1"; export OMP_NUM_THREADS=1
+  [ "$SMOKE" = 1 ] && EPOCHS=2
 else
   BUDGET_S=${BUDGET_S:-540}; EPOCHS=200; DEVICE=cuda; PACK=${PACK:-data/cifar10lt_r100.npz}; IMB=100
   SIZE_FLAGS="--warmup-epochs 5 --eval-every 5 --channels-last"
@@ -73,6 +76,7 @@ log "stage I: ${STAGE1_S}s for seeds [$SEEDS]"
 
 # --- stage II: every cell of every seed forks its seed's stage I, all at once on the GPU -----------
 CELLS="ce:paper ce_drw:paper no_reasoning:paper cov_only:paper no_reweight:paper risda:paper risda:reference"
+[ "$SMOKE" = 1 ] && CELLS="ce:paper risda:reference"
 t1=$SECONDS
 n=0
 for seed in $SEEDS; do

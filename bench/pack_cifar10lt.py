@@ -4,6 +4,7 @@ there into torchvision's CIFAR pickle folder, which `--dataset cifar10lt` reads 
     python bench/pack_cifar10lt.py                        # -> data/cifar10lt_r100.npz (~21 MB)
     python bench/pack_cifar10lt.py --unpack data/cifar10lt_r100.npz --to /tmp/c10lt
     python -m risda.train --dataset cifar10lt --data-root /tmp/c10lt --imbalance 100 ...
+    python bench/pack_cifar10lt.py --smoke                # pack a tiny subset and unpack it, in a temp folder
 
 The pack holds the JPEG bytes (as they are in ../shared/data/cifar10-jpeg, ~0.9 kB each) of
 only the training images that risda.trainer.data's LDAM-DRW subsampling can pick for this imbalance
@@ -137,6 +138,8 @@ def main(argv=None) -> int:
     p.add_argument("--unpack", type=Path, default=None, help="unpack this .npz instead of packing")
     p.add_argument("--to", type=Path, default=None, help="with --unpack: the --data-root to create")
     p.add_argument("--check-val", default="0,20", help="with --unpack: --val-per-class values to check the pack covers")
+    p.add_argument("--smoke", action="store_true", help="pack a tiny subset (10 images a class, 5 test) into a temp "
+                                                         "folder and unpack it there: checks the script (the test suite)")
     args = p.parse_args(argv)
     if args.unpack is not None:
         if args.to is None:
@@ -145,7 +148,17 @@ def main(argv=None) -> int:
         return 0
     if not (args.src / "train").is_dir():
         p.error(f"{args.src} is not the CIFAR-10 JPEG tree (train/<class>/*.jpg, test/<class>/*.jpg)")
+    if args.smoke:
+        return smoke(args.src)
     pack(args.src, args.out, args.imbalance, args.n_max, args.subset_seed, args.val_max, args.test_per_class)
+    return 0
+
+
+def smoke(src: Path) -> int:
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        pack(src, Path(tmp) / "tiny.npz", 10.0, 10, 0, 2, 5)
+        unpack(Path(tmp) / "tiny.npz", Path(tmp) / "unpacked", [0, 2])
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,12 +72,18 @@ def write_outputs(tmp_path, plan, trials, epochs=None, command=True):
     return results, runs
 
 
+def flat(md: str | list[str]) -> str:
+    """The Markdown with the padding of its table cells removed (pandas pads each column to its width)."""
+    lines = md.splitlines() if isinstance(md, str) else md
+    return "\n".join(re.sub(r" *\| *", " | ", line).strip() if line.startswith("|") else line for line in lines)
+
+
 def table_rows(md: str, lam: str) -> dict[str, list[str]]:
     """arm label -> cells of that arm's row in the main table of the λ section."""
     section = md.split(f"### λ = {lam}\n", 1)[1].split("###", 1)[0]
     rows = {}
     for line in section.splitlines():
-        if line.startswith("| ") and not line.startswith(("| arm", "| published", "| ---")):
+        if line.startswith("| ") and not line.startswith(("| arm", "| published", "| :--", "| ---")):
             cells = [c.strip() for c in line.strip("|").split("|")]
             if len(cells) == 14:
                 rows[cells[0]] = cells[1:]
@@ -96,7 +103,7 @@ def test_report_lists_every_arm_three_selections_failures_and_pandas_numbers(tmp
     results, runs = write_outputs(tmp_path, plan, synthetic_trials(plan, fail=failed_all | {partial}, skip={not_run}))
     out = tmp_path / "REPRODUCTION.md"
     assert report.main(["--results", str(results), "--out", str(out)]) == 0
-    md = out.read_text()
+    md = flat(out.read_text())
 
     assert md.startswith("# Reproduction report: Table 5")
     for label in ("(a) last epoch", "(b) best-val epoch", "(c) best-test epoch",
@@ -227,7 +234,7 @@ def test_paired_differences_are_per_seed_and_say_which_keep_their_sign():
                              best_test_error=e[seed] - 1, few_error=2 * e[seed]))
     rows.append(dict(rows[0], status="failed", test_error=99.0))  # a failed run never enters a pair
     lines, words = paired_table(finished(pd.DataFrame(rows)))
-    by_name = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:]}
+    by_name = {line.split(" | ")[0].lstrip("| "): line for line in flat(lines).splitlines()[2:]}
     d = errors[("risda", "paper", None)] - errors[("no_reasoning", "paper", None)]
     row = by_name["RISDA − w/o r (no reasoning)"]
     assert f"**{d.mean():+.2f}** ± {d.std(ddof=1):.2f}" in row and ", ".join(f"{v:+.2f}" for v in d) in row
@@ -247,13 +254,13 @@ def test_the_tuned_tau_of_post_hoc_la_is_reported_beside_tau_1():
                tuned_test_many_error=36.82, tuned_test_medium_error=53.73, tuned_test_few_error=39.95)
     other = dict(row, arm="ce", tuned_tau=float("nan"))
     lines = tuned_tau_table(finished(pd.DataFrame([row, other])))
-    assert len(lines) == 3 and "| 1 | 46.89 / 71.60 | 2 | 37.50 | 42.52 / 36.82 / 53.73 / 39.95 |" in lines[2]
+    assert len(lines) == 3 and "| 1 | 46.89 / 71.60 | 2 | 37.50 | 42.52 / 36.82 / 53.73 / 39.95 |" in flat(lines[2:])
 
 
 def test_a_published_row_is_run_here_when_another_study_of_the_report_ran_its_arm():
     spec, flags, notes = apply_overrides(load_spec("cifar10lt_reduced"), {"arm": ["risda"], "seed": [0]}, {})
     cells, more = expand(spec, flags, None)
     plan = make_plan(spec, cells, notes + more)
-    ldam = lambda lines: next(line for line in lines if line.startswith("| LDAM-DRW |"))
+    ldam = lambda lines: next(line for line in flat(lines).splitlines() if line.startswith("| LDAM-DRW |"))
     assert ldam(report.published_table(plan, 100.0)).endswith("| LDAM-DRW (not run here) |")
     assert ldam(report.published_table(plan, 100.0, frozenset({"ldam_drw"}))).endswith("| LDAM-DRW |")

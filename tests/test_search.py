@@ -119,7 +119,8 @@ def test_flags_fix_what_the_space_searches_and_validation_is_mandatory(cifar10_r
 @pytest.mark.slow
 def test_search_writes_outputs_with_a_failed_trial(cifar10_root, tmp_path, local_ray):
     name = "e2e"
-    rc = search.main(tiny_argv(cifar10_root, tmp_path, name), trainable=failing_on_paper_point)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    rc = search.main(tiny_argv(cifar10_root, tmp_path, name, "--optuna-storage", storage), trainable=failing_on_paper_point)
     assert rc == 1  # one of the four trials failed: not a success
     trials, epochs, best = read_outputs(tmp_path, name)
     assert len(trials) == 4 and trials["trial_id"].is_unique
@@ -149,6 +150,16 @@ def test_search_writes_outputs_with_a_failed_trial(cifar10_root, tmp_path, local
     cfg = Config.from_dict(best["config"]).validate()
     assert (cfg.alpha, cfg.beta, cfg.head_count) == tuple(best["params"][k] for k in ("alpha", "beta", "head_count"))
     assert cfg.val_per_class == 10 and cfg.arm == "risda"
+    # the figures beside trials.parquet
+    for figure in ("alpha_beta.png", "history.png", "slice.png"):
+        assert (tmp_path / "results" / name / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --optuna-storage: Optuna's own API (what optuna-dashboard reads) finds every finished trial's parameters and value
+    import optuna
+    study = optuna.load_study(study_name=name, storage=storage)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == len(ok)
+    stored = sorted((t.params["alpha"], t.params["beta"], t.params["head_count"], t.value) for t in complete)
+    assert stored == sorted(zip(ok.alpha, ok.beta, ok.head_count, ok.final_val_error))
 
 
 @pytest.mark.slow

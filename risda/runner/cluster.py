@@ -20,6 +20,7 @@ from ..trainer.config import ConfigError
 from ..trainer.progress import seconds_flag
 from ..trainer.storage import delete_dir
 from .collate import trial_statuses
+from .trackers import add_tracker_args
 from .trainables import remove_scratch
 
 LOCAL_STORAGE = "ray_results"      # default storage, relative to the working directory
@@ -57,6 +58,7 @@ def add_runner_args(parser, default_name: str) -> None:
     w.add_argument("--stage1-cache", default=None, metavar="DIR|URI",
                    help="the stage-I cache, shared by searches and ablations over the same base config "
                         "(default: <storage>/stage1)")
+    add_tracker_args(parser)
 
 
 # --- the cluster ----------------------------------------------------------------------------

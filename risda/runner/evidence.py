@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..trainer.arms import ARMS
+from .table_writers import markdown_lines
 
 METRICS = (("test_error", "(a) last"), ("test_error_at_best_val", "(b) best-val"), ("best_test_error", "(c) best-test"),
            ("few_error", "few (last)"))
@@ -62,9 +63,8 @@ def pairs(ok: pd.DataFrame) -> list[tuple[tuple, tuple]]:
 def paired_table(ok: pd.DataFrame) -> tuple[list[str], list[str]]:
     """(Markdown table lines, sentences on which differences keep their sign)."""
     seeds = sorted(ok.seed.unique())
-    head = "| difference | " + " | ".join(f"{label}: per seed ({', '.join(map(str, seeds))}) → mean ± std" for _, label in METRICS) + " |"
-    lines = [head, "| --- |" + " ---: |" * len(METRICS)]
-    words = []
+    head = ["difference", *(f"{label}: per seed ({', '.join(map(str, seeds))}) → mean ± std" for _, label in METRICS)]
+    rows, words = [], []
     for a, b in pairs(ok):
         cells, kept = [], []
         for metric, label in METRICS:
@@ -80,14 +80,14 @@ def paired_table(ok: pd.DataFrame) -> tuple[list[str], list[str]]:
             if len(d) > 1 and (all(d < 0) or all(d > 0)):
                 kept.append(f"{label} ({'lower' if d.mean() < 0 else 'higher'} at all {len(d)} seeds)")
         name = f"{cell_label(a)} − {cell_label(b)}"
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        rows.append([name, *cells])
         n = ok[ok.cell_id.isin([a, b])].groupby("seed").cell_id.nunique().eq(2).sum()
         if n > 1:
             words.append(f"- {name}: " + ("keeps its sign in " + "; ".join(kept) if kept else
                                           f"changes sign between seeds in every column ({n} seeds)") + ".")
         else:
             words.append(f"- {name}: one seed only; no sign can be said to hold.")
-    return lines, words
+    return markdown_lines(pd.DataFrame(rows, columns=head), "l" + "r" * len(METRICS)), words
 
 
 def graph_table(ok: pd.DataFrame) -> list[str]:
@@ -96,14 +96,12 @@ def graph_table(ok: pd.DataFrame) -> list[str]:
         return []
     cols = ("graph_offdiag_tail", "graph_offdiag_all", "graph_empty_tail", "graph_train_error",
             "reason_cov_ratio_first", "reason_cov_ratio_last", "reason_mean_ratio_first", "reason_mean_ratio_last")
-    lines = ["| cell | seed | 1−ε_cc tail | 1−ε_cc all | empty tail rows | train error of ε's pass (%) | "
-             "tr Σʳ/tr Σ first | last | ‖αμʳ‖/‖f‖ first | last | test error | few |",
-             "| --- | ---: |" + " ---: |" * (len(cols) + 2)]
+    head = ["cell", "seed", "1−ε_cc tail", "1−ε_cc all", "empty tail rows", "train error of ε's pass (%)",
+            "tr Σʳ/tr Σ first", "last", "‖αμʳ‖/‖f‖ first", "last", "test error", "few"]
     fmt = lambda v: "–" if v is None or (isinstance(v, float) and math.isnan(v)) else (f"{v:.4g}" if isinstance(v, float) else str(v))
-    for r in reasoning.sort_values(["seed"]).to_dict("records"):
-        lines.append(f"| {cell_label(r['cell_id'])} | {r['seed']} | " + " | ".join(fmt(r.get(c)) for c in cols)
-                     + f" | {fmt(r['test_error'])} | {fmt(r['few_error'])} |")
-    return lines
+    rows = [[cell_label(r["cell_id"]), str(r["seed"]), *(fmt(r.get(c)) for c in (*cols, "test_error", "few_error"))]
+            for r in reasoning.sort_values(["seed"]).to_dict("records")]
+    return markdown_lines(pd.DataFrame(rows, columns=head), "l" + "r" * (len(head) - 1))
 
 
 def neighbour_lines(ok: pd.DataFrame) -> list[str]:
@@ -173,16 +171,17 @@ def tuned_tau_table(ok: pd.DataFrame) -> list[str]:
     rows = ok[ok.tuned_tau.notna()] if "tuned_tau" in ok else []
     if not len(rows):
         return []
-    lines = ["| cell | seed | test error at τ = 1 (all / few) | τ chosen on validation | its validation error | "
-             "test error at that τ (all / many / medium / few) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows.sort_values("seed").to_dict("records"):
-        lines.append(f"| {cell_label(r['cell_id'])} | {r['seed']} | {r['test_error']:.2f} / {r['few_error']:.2f} | "
-                     f"{r['tuned_tau']:g} | {r['tuned_val_error']:.2f} | {r['tuned_test_error']:.2f} / "
-                     f"{r['tuned_test_many_error']:.2f} / {r['tuned_test_medium_error']:.2f} / {r['tuned_test_few_error']:.2f} |")
-    return lines
+    head = ["cell", "seed", "test error at τ = 1 (all / few)", "τ chosen on validation", "its validation error",
+            "test error at that τ (all / many / medium / few)"]
+    table = pd.DataFrame([[cell_label(r["cell_id"]), str(r["seed"]), f"{r['test_error']:.2f} / {r['few_error']:.2f}",
+                           f"{r['tuned_tau']:g}", f"{r['tuned_val_error']:.2f}",
+                           " / ".join(f"{r[f'tuned_test{g}error']:.2f}" for g in ("_", "_many_", "_medium_", "_few_"))]
+                          for r in rows.sort_values("seed").to_dict("records")], columns=head)
+    return markdown_lines(table, "l" + "r" * 5)
 
 
-def evidence_sections(runs: pd.DataFrame, results_dirs: list[Path]) -> list[str]:
+def evidence_sections(runs: pd.DataFrame, results_dirs: list[Path], folder: Path | None = None) -> list[str]:
+    """The sections; with `folder`, the paired differences' figure is written there and shown under its table."""
     ok = finished(runs)
     if not len(ok):
         return []
@@ -191,6 +190,9 @@ def evidence_sections(runs: pd.DataFrame, results_dirs: list[Path]) -> list[str]
           "seeds where both finished. Negative: A has the lower error.", ""]
     table, words = paired_table(ok)
     md += table + ["", *words, ""]
+    from .paired_figure import plot_paired
+    figure = plot_paired(runs, folder / "paired_differences.png") if folder is not None else None
+    md += [f"![Paired differences per seed, mean ± 95% interval]({figure.name})", ""] if figure else []
     graph = graph_table(ok)
     if graph:
         md += ["## The knowledge graph", "",

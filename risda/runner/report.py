@@ -38,6 +38,7 @@ from .evidence import evidence_sections, write_figures
 from .ablation.spec import ARM_LABELS, DATASET_LABELS, axis_label, coerce, published_rows, value_label
 from .ablation.tables import FAILED, METRICS, NOT_RUN, OK, failure_lines, fill_from_epochs, group_axes, summarize_runs
 from .provenance import REPO, ablation_command, git
+from .table_writers import markdown_lines
 
 DEFAULT_OUT = "REPRODUCTION.md"   # beside the results folder: results/REPRODUCTION.md
 
@@ -363,13 +364,10 @@ def sections(plan: dict, summary: pd.DataFrame) -> list[tuple[dict, list[dict]]]
 def main_table(plan: dict, rows: list[dict]) -> list[str]:
     row_axes, _ = layout(plan)
     header = [" / ".join(axis_label(a) for a in row_axes), "seeds ok/planned"]
-    for sel in SELECTIONS:
-        header += [f"{SELECTION_LABELS[sel].split(' ')[0]} {g}" for g in COLUMN_GROUPS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([" --- ", " --- "] + [" ---: "] * (len(header) - 2)) + "|"]
-    for r in rows:
-        values = [cell_text(r, m) for sel in SELECTIONS for m in SELECTIONS[sel]]
-        lines.append("| " + " | ".join([row_text(row_axes, r), seeds_text(r), *values]) + " |")
-    return lines
+    header += [f"{SELECTION_LABELS[sel].split(' ')[0]} {g}" for sel in SELECTIONS for g in COLUMN_GROUPS]
+    table = pd.DataFrame([[row_text(row_axes, r), seeds_text(r), *(cell_text(r, m) for ms in SELECTIONS.values() for m in ms)]
+                          for r in rows], columns=header)
+    return markdown_lines(table, "ll" + "r" * (len(header) - 2))
 
 
 def published_table(plan: dict, lam: float | None, also_arms: frozenset = frozenset()) -> list[str]:
@@ -384,12 +382,11 @@ def published_table(plan: dict, lam: float | None, also_arms: frozenset = frozen
         return []
     lams = [lam] if lam is not None else sorted({l for r in rows for l in r["errors"]}, reverse=True)
     head = ["published method", "source"] + (["top-1 error (%)"] if lam is not None else [f"λ={l:g}" for l in lams]) + ["our arm"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- ", " --- "] + [" ---: "] * len(lams) + [" --- "]) + "|"]
-    for r in rows:
-        ours = ("— (no arm of ours is this method)" if r["arm"] is None else
-                ARM_LABELS.get(r["arm"], r["arm"]) + ("" if r["arm"] in arms_run else " (not run here)"))
-        vals = ["—" if r["errors"].get(l) is None else f"{r['errors'][l]:.2f}" for l in lams]
-        lines.append("| " + " | ".join([r["method"], r["source"], *vals, ours]) + " |")
+    ours = lambda r: ("— (no arm of ours is this method)" if r["arm"] is None else
+                      ARM_LABELS.get(r["arm"], r["arm"]) + ("" if r["arm"] in arms_run else " (not run here)"))
+    table = pd.DataFrame([[r["method"], r["source"], *("—" if r["errors"].get(l) is None else f"{r['errors'][l]:.2f}" for l in lams),
+                           ours(r)] for r in rows], columns=head)
+    lines = markdown_lines(table, "ll" + "r" * len(lams) + "l")
     notes = [f"- {r['method']}: {r['note']}." for r in rows if r.get("note")]
     return lines + ([""] + notes if notes else [])
 
@@ -429,8 +426,7 @@ def render(out: Outputs, commands: list[str] | None = None, out_path: Path | Non
     md += ["## Code", "", *per_study(studies, lambda o: code_lines(o.plan))]
     md += ["## Command", "", *per_study(studies, lambda o: command_lines(o.plan, (commands or []) if o is out else []))]
     md += ["## Wall time", "", *per_study(studies, lambda o: wall_time_lines(o.runs, o.plan))]
-    md += ["## Protocol", "", "| setting | value |", "| --- | --- |",
-           *[f"| {k} | {v} |" for k, v in protocol_rows(plan, runs)], ""]
+    md += ["## Protocol", "", *markdown_lines(pd.DataFrame(protocol_rows(plan, runs), columns=["setting", "value"])), ""]
 
     md += ["## Results", "", "Three test errors per row, each overall (all) and on the many / medium / few-shot groups:", ""]
     md += [f"- **{SELECTION_LABELS[s]}**: {SELECTION_NOTES[s]}." for s in SELECTIONS]
@@ -444,7 +440,7 @@ def render(out: Outputs, commands: list[str] | None = None, out_path: Path | Non
                *results_tables(extra.plan, extra.summary, published=False)]
         runs = pd.concat([runs, extra.runs], ignore_index=True)
         bad = runs[runs.status != OK]
-    md += evidence_sections(runs, [o.results for o in studies])
+    md += evidence_sections(runs, [o.results for o in studies], out_path.parent if out_path is not None else None)
     if out_path is not None:
         figures = write_figures(runs, out_path.parent)
         md += [f"![{title}]({os.path.relpath(path, out_path.parent)})" for title, path in figures] + ([""] if figures else [])
@@ -486,15 +482,18 @@ def _rest(md, out, plan, runs, bad, title, out_path):
     notes = list(plan.get("notes") or []) + out.notes
     if notes:
         md += ["## Notes", "", *[f"- {n}" for n in notes], ""]
-    md += ["## Every run", "", "| cell | status | (a) last | (b) best-val | (c) best-test | best-test epoch | epochs run | wall time |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in runs.to_dict("records"):
-        f = error_text
-        i = lambda v: EMPTY if _nan(v) else f"{int(v)}"
-        md.append(f"| {r['cell']} | {r['status'].upper() if r['status'] == FAILED else r['status']} | {f(r['test_error'])} | "
-                  f"{f(r['test_error_at_best_val'])} | {f(r['best_test_error'])} | {i(r.get('best_test_epoch'))} | "
-                  f"{i(r.get('epochs_run'))} | {duration(r.get('wall_time_s'))} |")
+    md += ["## Every run", "", *markdown_lines(every_run(runs), "ll" + "r" * 6)]
     return "\n".join(md) + "\n"
+
+
+def every_run(runs: pd.DataFrame) -> pd.DataFrame:
+    r = runs.reindex(columns=["cell", "status", "test_error", "test_error_at_best_val", "best_test_error", "best_test_epoch",
+                              "epochs_run", "wall_time_s"])
+    epoch = lambda v: EMPTY if _nan(v) else f"{int(v)}"
+    return pd.DataFrame({"cell": r.cell, "status": [s.upper() if s == FAILED else s for s in r.status],
+                         "(a) last": r.test_error.map(error_text), "(b) best-val": r.test_error_at_best_val.map(error_text),
+                         "(c) best-test": r.best_test_error.map(error_text), "best-test epoch": r.best_test_epoch.map(epoch),
+                         "epochs run": r.epochs_run.map(epoch), "wall time": r.wall_time_s.map(duration)})
 
 
 def write_report(results: str | Path, out: str | Path | None = None, commands: list[str] | None = None,

@@ -22,7 +22,8 @@ sampler continues from its saved state. --restart starts over.
 
 Outputs in results/<name>/: trials.parquet (one row per trial, failed ones included),
 epochs.parquet (one row per trial per evaluated epoch), best.json (the best config; feed it
-to the ablation runner with --config, or retrain the trial with `python -m risda.train --config`).
+to the ablation runner with --config, or retrain the trial with `python -m risda.train --config`),
+and the figures (risda.runner.search_figures): alpha_beta.png, history.png, slice.png.
 """
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ from .exits import failure_exit
 from .lock import hold_experiment
 from .progress import RichProgress, driver_console, print_top
 from .retry import NoRetryWhenDiverged, max_failures
+from .search_figures import write_search_figures
+from .trackers import check_trackers, tracker_callbacks
 from .stage1 import Stage1Failed, Stage1Interrupted, describe_stage1, ensure_stage1, stage1_cache_root
 from .trainables import STAGE1_CACHE_KEY, absolute_paths, train_trial, trial_dirname
 
@@ -371,10 +374,11 @@ def stage1_configs(cfg: RunConfig, space: dict, args, console) -> list[Config] |
 
 
 # --- outputs ---------------------------------------------------------------------------------------
-def write_results(grid, out: Path, params: list[str], info: dict, stage1=None) -> tuple:
-    """trials.parquet, epochs.parquet, stage1.parquet and best.json in `out`; returns
-    (trials, best row). best.json comes only from a trial that ran all its epochs, and says how
-    many did; with none, an earlier best.json is removed rather than left looking current."""
+def write_results(grid, out: Path, params: list[str], info: dict, stage1=None, distributions=None) -> tuple:
+    """trials.parquet, epochs.parquet, stage1.parquet, the figures of the search over `distributions`
+    (risda.runner.search_figures) and best.json in `out`; returns (trials, best row, figures). best.json
+    comes only from a trial that ran all its epochs, and says how many did; with none, an earlier
+    best.json is removed rather than left looking current."""
     trials, epochs = collate(grid, metric=METRIC, params=params)
     for k in ("search_seed", "experiment"):
         trials[k] = info[k]
@@ -385,11 +389,12 @@ def write_results(grid, out: Path, params: list[str], info: dict, stage1=None) -
         trials["stage1_wall_time_s"] = trials["stage1_key"].map(cost)
     write_parquet(trials, out / "trials.parquet")
     write_parquet(epochs, out / "epochs.parquet")
+    figures = write_search_figures(trials, distributions, out) if distributions else []
     best = best_trial(trials, METRIC)
     best_path = out / "best.json"
     if best is None:
         best_path.unlink(missing_ok=True)
-        return trials, None
+        return trials, None, figures
     ok = trials[trials["completed"] & (trials["status"] == "TERMINATED")]
     summary = json.loads(best["summary"]) if isinstance(best.get("summary"), str) else {}
     best_json = {
@@ -403,7 +408,7 @@ def write_results(grid, out: Path, params: list[str], info: dict, stage1=None) -
     with writing(best_path, RESULTS_INTACT, tmp):  # a full disk: one line, no .tmp left (risda.trainer.failures)
         tmp.write_text(json.dumps(best_json, indent=2))
         tmp.replace(best_path)
-    return trials, best
+    return trials, best, figures
 
 
 def _plain(v):
@@ -436,6 +441,7 @@ def main(argv=None, trainable=None) -> int:
     try:
         cfg = base_config(args)
         run = cfg.resolved()  # the driver's entry: what every trial's config resolves to, but the searched names
+        check_trackers(args.tracker)  # a missing extra: one line, before anything starts
         name = args.name or default_name(cfg)
         storage = storage_uri(args.storage)
         check_writable(storage, "--storage")
@@ -485,7 +491,8 @@ def main(argv=None, trainable=None) -> int:
                                             trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(
                     name=name, storage_path=storage, verbose=0,
-                    callbacks=[NoRetryWhenDiverged(), RichProgress(args.num_samples, METRIC, params)],
+                    callbacks=[NoRetryWhenDiverged(), RichProgress(args.num_samples, METRIC, params),
+                               *tracker_callbacks(args.tracker, name, out)],
                     failure_config=tune.FailureConfig(max_failures=args.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
 
@@ -497,8 +504,9 @@ def main(argv=None, trainable=None) -> int:
                     + ", ".join(f"{k}={v}" for k, v in space.items())
                     + (f"; first trial: paper Table 2 point {point}" if point and not restored else ""))
         grid = remove_trial_scratch(tuner.fit())  # what killed trials left in the temp folder
-        trials, best = write_results(grid, out, params, dict(search_seed=args.search_seed, experiment=path, name=name,
-                                                             num_samples=args.num_samples), stage1)
+        trials, best, figures = write_results(grid, out, params, dict(search_seed=args.search_seed, experiment=path, name=name,
+                                                                      num_samples=args.num_samples), stage1,
+                                              {k: optuna_distribution(k, v) for k, v in space.items()})
     except Stage1Interrupted as e:
         console.print(f"[yellow]interrupted:[/yellow] {e}")
         return 130
@@ -522,5 +530,6 @@ def main(argv=None, trainable=None) -> int:
     else:
         console.print("[red]no trial ran all its epochs: no best.json[/red]")
     console.print(f"wrote {out}/trials.parquet, epochs.parquet{', stage1.parquet' if stage1 is not None else ''}"
-                  f"{', best.json' if best is not None else ''} ({len(trials)} trials, {time.time() - started:.0f}s)")
+                  f"{', best.json' if best is not None else ''}{''.join(', ' + f.name for f in figures)} "
+                  f"({len(trials)} trials, {time.time() - started:.0f}s)")
     return outcome.report(console, retry_hint=True)

@@ -4,7 +4,9 @@ Reruns one of the paper's analyses (a spec in risda/runner/specs/) as one Ray Tu
 one trial per (arm, imbalance, seed) cell (or whatever axes the spec's [grid] names), and
 collates it into results/<name>/: runs.parquet (one row per cell, failed cells included),
 summary.parquet (mean, std, count over seeds), epochs.parquet, table.md / table.tex, the
-figure (figure.png) and the plan (plan.json). Prints the table in the paper's layout.
+figures (figure.png: every seed, mean ± std, all / many / medium / few; paired.png: the paired
+differences, where the study makes a comparison) and the plan (plan.json). Prints the table in
+the paper's layout.
 
     python ablations/run.py --dataset cifar10lt --data-root ../shared/data/cifar10-jpeg --epochs 20 --seeds 0
     python ablations/run.py --spec fig4_alpha_beta --config results/search/best.json
@@ -37,6 +39,8 @@ from ..lock import hold_experiment
 from ..retry import max_failures
 from ..progress import driver_console
 from ..provenance import ablation_command, code_state
+from ..paired_figure import plot_paired
+from ..trackers import check_trackers, tracker_callbacks
 from ..stage1 import Stage1Failed, Stage1Interrupted, describe_stage1, stage1_cache_root
 from ..trainables import absolute_paths
 from .experiment import load_results, run_experiment, saved_plan, training_plan, trials_from_grid
@@ -66,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", metavar="BEST_JSON", help="take the hyperparameters (α, β, head count, lr, ...) from a search's best.json instead of the paper's Table 2")
     g.add_argument("--metric", help="the error shown in the table and figure (default: the spec's, test_error); e.g. few_error, test_error_at_best_val, best_test_error")
     g.add_argument("--dry-run", action="store_true", help="print the cells and exit")
-    g.add_argument("--collate-only", action="store_true", help="re-collate an existing experiment into tables and figures without training")
+    g.add_argument("--collate-only", action="store_true", help="re-collate an existing experiment into tables and figures without training (where the Ray "
+                   "experiment is gone, e.g. bundled results, redraw them from results/<name>/runs.parquet)")
     g.add_argument("--merge", metavar="NAME,NAME", help="with --collate-only: collate several experiments of one spec "
                    "(e.g. seeds run one after another, --name study-s0 then --name study-s1) into results/<--name>/")
     g.add_argument("--from-runs", metavar="DIR", help="collate plain `risda.train` run folders (DIR/*/summary.json, e.g. "
@@ -195,6 +200,12 @@ def published_now(plan: dict) -> dict:
     return load_spec(name).paper_numbers if name in list_specs() else plan["spec"].get("paper_numbers", {})
 
 
+def redraw_only(storage: str, name: str, results_dir: Path) -> bool:
+    """--collate-only where the Ray experiment is gone (or was a --merge) but its results folder is
+    there (a clone with the bundled results): the tables and figures are drawn again from runs.parquet."""
+    return not tune.Tuner.can_restore(experiment_uri(storage, name)) and (results_dir / "runs.parquet").is_file()
+
+
 def run(args, console, argv=()) -> int:
     """The study: plan, train (one driver per experiment: risda.runner.lock), collate."""
     with contextlib.ExitStack() as held:
@@ -202,6 +213,7 @@ def run(args, console, argv=()) -> int:
 
 
 def run_held(args, console, argv, held: contextlib.ExitStack) -> int:
+    check_trackers(args.tracker)  # a missing extra: one line, before anything starts
     plan = plan_from_args(args)
     name = args.name or plan["spec"]["name"]
     results_dir = Path(args.results) / name
@@ -239,8 +251,12 @@ def run_held(args, console, argv, held: contextlib.ExitStack) -> int:
             console.print(f"data: {checked} distinct data configuration(s) of the {len(plan['cells'])} cells checked")
 
     started = time.time()
-    grid = None
-    if args.from_runs:
+    grid = runs = None
+    if args.collate_only and not merge and redraw_only(storage, name, results_dir):
+        console.print(f"note: no Ray experiment at {experiment_uri(storage, name)}: the tables and figures are redrawn from "
+                      f"{results_dir / 'runs.parquet'}")
+        runs = pd.read_parquet(results_dir / "runs.parquet")
+    elif args.from_runs:
         trials, epochs = trials_from_run_dirs(args.from_runs)
         results_dir.mkdir(parents=True, exist_ok=True)
         (results_dir / "plan.json").write_text(json.dumps(plan, indent=1))
@@ -276,7 +292,7 @@ def run_held(args, console, argv, held: contextlib.ExitStack) -> int:
                 grid, restored, stage1 = run_experiment(
                     plan, storage, name, args.cpus_per_trial, args.gpus_per_trial, restart=args.restart,
                     progress=args.progress, max_failures=args.max_failures, stage1_cache=cache,
-                    retry_errored=args.retry_errored)
+                    retry_errored=args.retry_errored, trackers=tracker_callbacks(args.tracker, name, results_dir))
             except Stage1Interrupted as e:
                 console.print(f"[yellow]interrupted:[/] {e}")
                 return 130
@@ -295,20 +311,23 @@ def run_held(args, console, argv, held: contextlib.ExitStack) -> int:
 
     if grid is not None:
         trials, epochs = trials_from_grid(grid, plan["axes"])
-    runs = collate_runs(plan, trials, experiment=str(Path(args.from_runs).resolve()) if args.from_runs
-                        else ", ".join(experiment_uri(storage, n) for n in merge or [name]))
+    redrawn = runs is not None
+    if not redrawn:
+        runs = collate_runs(plan, trials, experiment=str(Path(args.from_runs).resolve()) if args.from_runs
+                            else ", ".join(experiment_uri(storage, n) for n in merge or [name]))
     summary = summarize_runs(runs, plan)
     results_dir.mkdir(parents=True, exist_ok=True)
     if not args.collate_only and not args.from_runs:  # the span the report prints
         plan["ended_at"] = time.time()
         (results_dir / "plan.json").write_text(json.dumps(plan, indent=1))
-    write_parquet(runs, results_dir / "runs.parquet")
-    write_parquet(summary, results_dir / "summary.parquet")
-    if len(epochs):
-        write_parquet(epochs, results_dir / "epochs.parquet")
+    if not redrawn:
+        write_parquet(runs, results_dir / "runs.parquet")
+        write_parquet(summary, results_dir / "summary.parquet")
+        if len(epochs):
+            write_parquet(epochs, results_dir / "epochs.parquet")
     (results_dir / "table.md").write_text(markdown_table(plan, runs, summary, metric))
     (results_dir / "table.tex").write_text(latex_table(plan, runs, summary, metric))
-    figure = plot_study(plan, runs, summary, metric, results_dir / "figure.png")
+    figures = [plot_study(plan, runs, summary, metric, results_dir / "figure.png"), plot_paired(runs, results_dir / "paired.png")]
 
     for title, table, caption in rich_tables(plan, runs, summary, metric):
         console.print(f"\n[bold]{title}[/]")
@@ -319,6 +338,7 @@ def run_held(args, console, argv, held: contextlib.ExitStack) -> int:
         console.print(f"[red]{line}[/]")
     n_ok = int((runs.status == OK).sum())
     console.print(f"{n_ok}/{len(runs)} cells ok in {time.time() - started:.0f} s; wrote {results_dir}/"
-                  f"{{runs,summary,epochs}}.parquet, table.md, table.tex, {figure.name}")
+                  + ("" if redrawn else "{runs,summary,epochs}.parquet, ")
+                  + ", ".join(["table.md", "table.tex", *(f.name for f in figures if f is not None)]))
     n_failed, n_unfinished = int((runs.status == FAILED).sum()), int((runs.status == NOT_RUN).sum())
     return Outcome(n_ok, n_failed, n_unfinished).report(console, retry_hint=True)

@@ -68,18 +68,20 @@ def param_space(plan: dict) -> dict:
 
 def run_experiment(plan: dict, storage: str, name: str, cpus_per_trial: float, gpus_per_trial: float,
                    restart: bool = False, progress: bool = True, max_failures: int = 0,
-                   stage1_cache: str | None = None, retry_errored: bool = False):
+                   stage1_cache: str | None = None, retry_errored: bool = False, trackers: list | None = None):
     """(ResultGrid, restored, stage-I table or None): first every distinct stage I the cells
     need and the cache lacks (with stage1_cache; risda.runner.stage1.ensure_stage1), then the plan's
     grid, each cell forking stage II from its stage I (isda trains from epoch 0). Continues an
     interrupted experiment (finished trials kept, unfinished ones resumed from their
-    checkpoints, failed ones only with retry_errored; --restart starts over)."""
+    checkpoints, failed ones only with retry_errored; --restart starts over). `trackers`: more
+    Tune callbacks (risda.runner.trackers)."""
     path = experiment_uri(storage, name)
     full, plan = plan, training_plan(plan)
     resources = trial_resources(cpus_per_trial, gpus_per_trial)
     train = tune.with_resources(train_trial, resources)
     axes = plan["axes"]
     callbacks = [NoRetryWhenDiverged()] + ([RichProgress(len(plan["cells"]), metric="test_error", params=axes)] if progress else [])
+    callbacks += trackers or []
     stage1 = None
     space = param_space(plan)
     if stage1_cache:

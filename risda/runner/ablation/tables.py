@@ -19,6 +19,7 @@ import pandas as pd
 from ...trainer.display import EMPTY
 from ...method.diagnostics import DIAGNOSTIC_TEXT, DIAGNOSTICS, TUNED
 from ...trainer.evaluate import GROUPS, SELECTIONS, SUMMARY_ERRORS, selected_errors
+from ..table_writers import latex, markdown
 from .spec import (DATASET_LABELS, axis_label, cell_key, coerce, format_key, plan_cells, published_label, published_rows,
                    value_label)
 
@@ -371,8 +372,8 @@ def failure_lines(runs: pd.DataFrame, limit: int = 20, width: int = 150) -> list
 
 
 # --- tables to paste into a paper ---------------------------------------------------------
-def plain_panels(plan: dict, runs: pd.DataFrame, summary: pd.DataFrame, metric: str) -> list[tuple[str, list, list]]:
-    """(title, header, rows) per panel, the cells as plain text (as in the rich table)."""
+def panel_frames(plan: dict, runs: pd.DataFrame, summary: pd.DataFrame, metric: str) -> list[tuple[str, pd.DataFrame]]:
+    """(title, table) per panel, the cells as plain text (as in the rich table), published rows last."""
     spec = plan["spec"]
     out = []
     for panel in panels(summary, plan):
@@ -383,36 +384,21 @@ def plain_panels(plan: dict, runs: pd.DataFrame, summary: pd.DataFrame, metric: 
         rows += [[label] + ["—" if v is None else f"{v:.2f}" for v in vals]
                  for label, vals in panel_published(plan, panel, metric)]
         title = table_title(plan, runs, metric) + (f" — {panel.title}" if panel.key else "")
-        out.append((title, header, rows))
+        out.append((title, pd.DataFrame(rows, columns=header)))
     return out
 
 
 def markdown_table(plan: dict, runs: pd.DataFrame, summary: pd.DataFrame, metric: str) -> str:
     parts = []
-    for title, header, rows in plain_panels(plan, runs, summary, metric):
-        parts.append(f"**{title}**\n")
-        parts.append("| " + " | ".join(header) + " |")
-        parts.append("|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|")
-        parts.extend("| " + " | ".join(r) + " |" for r in rows)
-        parts.append("")
-        if any(r[0].startswith("published: ") for r in rows):
+    for title, frame in panel_frames(plan, runs, summary, metric):
+        parts += [f"**{title}**\n", markdown(frame, "l" + "r" * (frame.shape[1] - 1)), ""]
+        if frame.iloc[:, 0].str.startswith("published: ").any():
             parts.extend(f"{note}\n" for note in published_notes(plan, metric))
     parts.extend(f"- {line}" for line in failure_lines(runs))
     return "\n".join(parts) + "\n"
 
 
 def latex_table(plan: dict, runs: pd.DataFrame, summary: pd.DataFrame, metric: str) -> str:
-    def tex(s: str) -> str:
-        s = s.replace("\\", "\\textbackslash{}")
-        for a, b in (("&", "\\&"), ("%", "\\%"), ("_", "\\_"), ("#", "\\#"), ("±", "$\\pm$"), ("λ", "$\\lambda$"),
-                     ("α", "$\\alpha$"), ("β", "$\\beta$"), ("—", "--")):
-            s = s.replace(a, b)
-        return s
     parts = ["% needs \\usepackage{booktabs}"]
-    for title, header, rows in plain_panels(plan, runs, summary, metric):
-        parts += ["\\begin{table}[t]", "\\centering", f"\\caption{{{tex(title)}}}",
-                  "\\begin{tabular}{l" + "r" * (len(header) - 1) + "}", "\\toprule",
-                  " & ".join(tex(h) for h in header) + " \\\\", "\\midrule"]
-        parts += [" & ".join(tex(c) for c in r) + " \\\\" for r in rows]
-        parts += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+    parts += [x for title, frame in panel_frames(plan, runs, summary, metric) for x in (latex(frame, title), "")]
     return "\n".join(parts)

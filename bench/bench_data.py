@@ -68,7 +68,7 @@ def main():
         args.steps, args.batch_size, args.workers, args.rounds = 2, 8, 0, 1
         small = dict(n_max=20, test_per_class=5)
     cfg = Config(dataset="cifar10lt", data_root=args.data_root, imbalance=1, device="cpu", **small).resolved()
-    data = load_long_tail(cfg.resolved(), torch.device("cpu"))
+    data = load_long_tail(cfg, torch.device("cpu"))
     model = resnet32(10)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     ours = in_memory(data.train, args.batch_size)

@@ -172,26 +172,27 @@ def record_stage1(info: dict, epoch: int, **ran) -> None:
 
 def train(cfg: Config, on_epoch: EpochCallback | None = None, resume_from: Path | None = None,
           data: LongTailData | None = None, stage1_from: Path | None = None,
-          stage1_only: bool = False, observe_reference: bool = False) -> dict:
+          stage1_only: bool = False, observe_reference: bool = False, stage1_name: str | None = None) -> dict:
     """Train one run; writes <out>/summary.json, <out>/epochs.parquet, <out>/checkpoint.pt.
 
     stage1_only: train stage I alone and stop; the last checkpoint is then the stage-I
     checkpoint that risda.stage1 shares (CE, plus the reference variant's observations if
-    observe_reference). stage1_from: fork stage II from such a checkpoint (same stage-I key).
+    observe_reference). stage1_from: fork stage II from such a checkpoint (same stage-I key);
+    stage1_name: what it is called in messages and the summary (the cache entry it was copied from).
 
     Runs on cfg.threads torch threads (cfg.stage1_threads in stage I; None: the count torch has)
     and puts torch's count back at the end; the summary records them (torch_threads,
     stage1_torch_threads) with the compile decision (compile, stage1_compile)."""
     threads_before = torch.get_num_threads()
     try:
-        return _train(cfg, on_epoch, resume_from, data, stage1_from, stage1_only, observe_reference)
+        return _train(cfg, on_epoch, resume_from, data, stage1_from, stage1_only, observe_reference, stage1_name)
     finally:
         if torch.get_num_threads() != threads_before:
             torch.set_num_threads(threads_before)
 
 
 def _train(cfg: Config, on_epoch: EpochCallback | None, resume_from: Path | None, data: LongTailData | None,
-           stage1_from: Path | None, stage1_only: bool, observe_reference: bool) -> dict:
+           stage1_from: Path | None, stage1_only: bool, observe_reference: bool, stage1_name: str | None = None) -> dict:
     cfg = cfg.validate().resolved()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -226,7 +227,7 @@ def _train(cfg: Config, on_epoch: EpochCallback | None, resume_from: Path | None
         state = load_checkpoint(resume_from, cfg)
         objective.load_state_dict(state["objective"])
     elif stage1_from is not None:
-        state = load_stage1_checkpoint(stage1_from, cfg)
+        state = load_stage1_checkpoint(stage1_from, cfg, name=stage1_name)
         objective.load_stage1(state["objective"])
     if resume_from is not None or stage1_from is not None:
         model.load_state_dict(state["model"])
@@ -235,7 +236,8 @@ def _train(cfg: Config, on_epoch: EpochCallback | None, resume_from: Path | None
         stage1_info = state.get("stage1_info", {})
     if stage1_from is not None:  # stage-II time starts now; stage I's is reported beside it, with how it ran
         ran = {k: v for k, v in state.get("stage1_info", {}).items() if k in ("stage1_torch_threads", "stage1_compile")}
-        stage1_info = dict(stage1_key=stage1_key(cfg), stage1_wall_time_s=elapsed, stage1_checkpoint=str(stage1_from), **ran)
+        stage1_info = dict(stage1_key=stage1_key(cfg), stage1_wall_time_s=elapsed, stage1_checkpoint=stage1_name or str(stage1_from),
+                           **ran)
         elapsed = 0.0
     last_epoch = cfg.stage1_epochs if stage1_only else cfg.epochs
     steps = math.ceil(len(data.train) / cfg.batch_size) * (last_epoch - start_epoch)

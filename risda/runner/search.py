@@ -59,7 +59,7 @@ from .exits import failure_exit
 from .lock import hold_experiment
 from .progress import RichProgress, driver_console, print_top
 from .retry import NoRetryWhenDiverged, max_failures
-from .stage1 import Stage1Failed, Stage1Interrupted, describe_stage1, ensure_stage1, stage1_cache_root
+from .stage1 import Stage1Failed, Stage1Interrupted, check_stage1, describe_stage1, ensure_stage1, stage1_cache_root
 from .trainables import STAGE1_CACHE_KEY, absolute_paths, train_trial, trial_dirname
 
 METRIC, MODE = "val_error", "min"
@@ -460,6 +460,10 @@ def main(argv=None, trainable=None) -> int:
         shared = stage1_configs(cfg, space, args, console)
         cache_root = stage1_cache_root(args.stage1_cache, storage) if shared else None
         make_scheduler(args, cfg)  # a bad --grace-period fails before Ray starts
+        stage1_plan = None
+        if shared:
+            check_writable(cache_root, "--stage1-cache")
+            stage1_plan = check_stage1(shared, cache_root, say=lambda line: console.log(escape(line)))  # verified
         if not continuing:  # a new experiment: an older best.json is not its result
             (out / "best.json").unlink(missing_ok=True)
         owns_ray = not ray.is_initialized()  # set first: a ray.init interrupted halfway is shut down too
@@ -468,7 +472,7 @@ def main(argv=None, trainable=None) -> int:
         console.log(f"ray: {cluster_summary()}; per trial {resources}")
         stage1 = None
         if shared:
-            stage1 = ensure_stage1(shared, cache_root, storage, name, resources, args.max_failures)
+            stage1 = ensure_stage1(stage1_plan, cache_root, storage, name, resources, args.max_failures)
             console.log(describe_stage1(stage1))
         train = tune.with_resources(trainable or train_trial, resources)
         study_storage = optuna_storage(args.optuna_storage)

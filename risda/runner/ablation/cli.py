@@ -37,12 +37,12 @@ from ..lock import hold_experiment
 from ..retry import max_failures
 from ..progress import driver_console
 from ..provenance import ablation_command, code_state
-from ..stage1 import Stage1Failed, Stage1Interrupted, describe_stage1, stage1_cache_root
+from ..stage1 import Stage1Failed, Stage1Interrupted, check_stage1, describe_stage1, stage1_cache_root
 from ..trainables import absolute_paths
 from .experiment import load_results, run_experiment, saved_plan, training_plan, trials_from_grid
 from .figures import plot_study
 from .spec import (DEFAULT_SPEC, apply_overrides, axis_label, expand, list_specs, load_spec, make_plan, parse_list,
-                   merge_plans, plan_differences, read_best, value_label)
+                   merge_plans, plan_cells, plan_differences, read_best, value_label)
 from .tables import (FAILED, NOT_RUN, OK, collate_runs, failure_lines, latex_table, markdown_table, rich_tables,
                      summarize_runs, trials_from_run_dirs)
 
@@ -230,6 +230,7 @@ def run_held(args, console, argv, held: contextlib.ExitStack) -> int:
         dry_run(console, plan)
         return 0
     check_writable(results_dir, "--results")  # before Ray starts or anything trains
+    stage1_plan = cache = None
     if not (args.collate_only or args.from_runs):
         check_writable(storage, "--storage")
         held.enter_context(hold_experiment(storage, name))  # before anything of the experiment is touched
@@ -237,6 +238,11 @@ def run_held(args, console, argv, held: contextlib.ExitStack) -> int:
         checked = check_cells_data([Config.from_dict(c["config"]) for c in plan["cells"]], args.address)
         if checked:
             console.print(f"data: {checked} distinct data configuration(s) of the {len(plan['cells'])} cells checked")
+        if args.shared_stage1:  # every stage-I entry verified, a bad one moved aside, before Ray starts
+            cache = stage1_cache_root(args.stage1_cache, storage)
+            check_writable(cache, "--stage1-cache")
+            stage1_plan = check_stage1([Config.from_dict(c.config) for c in plan_cells(training_plan(plan))], cache,
+                                       say=lambda line: console.print(escape(line), soft_wrap=True))
 
     started = time.time()
     grid = None
@@ -271,12 +277,11 @@ def run_held(args, console, argv, held: contextlib.ExitStack) -> int:
             if args.gpus_per_trial == 0 and ray.cluster_resources().get("GPU", 0):
                 console.print("[yellow]note:[/] the cluster has GPUs but --gpus-per-trial is 0: trials train on CPUs "
                               "(e.g. --gpus-per-trial 0.25 packs four trials on a GPU)")
-            cache = stage1_cache_root(args.stage1_cache, storage) if args.shared_stage1 else None
             try:
                 grid, restored, stage1 = run_experiment(
                     plan, storage, name, args.cpus_per_trial, args.gpus_per_trial, restart=args.restart,
                     progress=args.progress, max_failures=args.max_failures, stage1_cache=cache,
-                    retry_errored=args.retry_errored)
+                    retry_errored=args.retry_errored, stage1_plan=stage1_plan)
             except Stage1Interrupted as e:
                 console.print(f"[yellow]interrupted:[/] {e}")
                 return 130

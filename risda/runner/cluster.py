@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+import pyarrow.fs
 import ray
 from ray import tune
 
@@ -218,14 +219,34 @@ def remove_trial_scratch(grid):
 
 
 def check_writable(path: str | Path, flag: str) -> None:
-    """A local output folder that can be created and written, checked before Ray starts."""
-    if "://" in str(path):
-        return
-    path = Path(path)
+    """An output folder that can be created and written, checked before Ray starts and without
+    creating anything (a refused command leaves no empty folder): a local path's nearest existing
+    folder takes a probe file; a URI (s3://, gs://) is reached and takes a probe object."""
+    if "://" in str(path) and not str(path).startswith("file://"):
+        return check_object_storage(str(path), flag)
+    path = Path(str(path).removeprefix("file://")).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".risda-write-test-{os.getpid()}"
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        probe = existing / f".risda-write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"{flag} {path} is not writable ({e.strerror or e}); choose a folder you can write to") from None
+
+
+def check_object_storage(uri: str, flag: str) -> None:
+    """A storage URI that pyarrow can open and write to (one small probe object, deleted)."""
+    from ..failures import one_line
+    from ..storage import delete_file, filesystem, write_text
+    probe = f"{uri.rstrip('/')}/.risda-write-test-{os.getpid()}"
+    try:
+        fs, where = filesystem(uri)
+        if fs.get_file_info(where).type == pyarrow.fs.FileType.File:
+            raise OSError("it is a file, not a folder")
+        write_text(probe, "")
+        delete_file(probe)
+    except Exception as e:  # pyarrow: ArrowInvalid (an unknown scheme), OSError (no such bucket, credentials, network)
+        raise ConfigError(f"{flag} {uri} cannot be used ({type(e).__name__}: {one_line(e)[:300]}): check the URI, the "
+                          f"bucket and its credentials") from None

@@ -210,14 +210,36 @@ def base_config(args) -> Config:
 
 
 def search_space(args, given: dict, cfg: Config, num_classes: int) -> dict[str, str]:
-    """--space, or the default space minus the names a run flag fixed."""
+    """--space, or the default space minus the names a run flag fixed; refused (ConfigError)
+    when that leaves nothing to search (`check_something_to_search`)."""
     if args.space is None:
-        return {k: v for k, v in default_space(cfg, num_classes).items() if k not in given}
+        space = {k: v for k, v in default_space(cfg, num_classes).items() if k not in given}
+        fixed = [k for k in default_space(cfg, num_classes) if k in given]
+        check_something_to_search(space, "--" + ", --".join(f.replace("_", "-") for f in fixed) + " fix")
+        return space
     space = parse_space(args.space)
     clash = sorted(set(space) & set(given))
     if clash:
         raise ConfigError(f"{', '.join('--' + c.replace('_', '-') for c in clash)} fixes what --space searches; drop one of them")
+    check_something_to_search(space, f"--space {args.space!r} gives one value for")
     return space
+
+
+def check_something_to_search(space: dict[str, str], why: str) -> None:
+    """A search whose every parameter is fixed is refused, before anything trains. Its trials
+    would all train the same config with the same seeds (common random numbers): N copies of
+    one run, which Optuna learns nothing from; that one run is `python -m risda.train`."""
+    if any(single_valued(optuna_distribution(k, v)) is False for k, v in space.items()):
+        return
+    raise ConfigError(f"nothing to search: {why} every parameter of the search space, so every trial would train the "
+                      f"same config; leave one to the search (or pass --space, e.g. 'alpha=0.25:1.5'), or train that "
+                      f"one config with `python -m risda.train`")
+
+
+def single_valued(dist) -> bool:
+    if hasattr(dist, "choices"):
+        return len(set(map(repr, dist.choices))) == 1
+    return dist.low == dist.high
 
 
 def default_name(cfg: Config) -> str:
@@ -232,38 +254,68 @@ def default_grace_period(cfg: Config) -> int:
     return first - c.stage1_epochs
 
 
+def optuna_file(spec: str) -> Path | None:
+    """The file of a sqlite URL or a journal, relative to where the command runs; None for a server URL."""
+    if spec.startswith("sqlite:///"):
+        return Path(spec[len("sqlite:///"):]).expanduser().resolve()
+    return None if "://" in spec else Path(spec.removeprefix("journal:")).expanduser().resolve()
+
+
+def check_optuna_storage(spec: str | None):
+    """Before anything trains: an existing study file or a server is opened and read (a corrupt
+    one is one line, ConfigError, exit 2); a file that does not exist yet must be creatable,
+    and nothing is created now (a refused search leaves nothing behind). The opened storage, or None."""
+    if not spec:
+        return None
+    path = optuna_file(spec)
+    if path is not None and not path.exists():
+        check_writable(path.parent, "--optuna-storage")
+        return None
+    return optuna_storage(spec)
+
+
 def optuna_storage(spec: str | None):
-    """None (in memory, saved with Ray's searcher state), an RDB URL, or a journal file."""
+    """None (in memory, saved with Ray's searcher state), an RDB URL, or a journal file, opened
+    (a new file's folder created) and read once."""
     if not spec:
         return None
     import optuna
-    if "://" in spec:
-        if spec.startswith("sqlite:///"):  # relative to where the command runs; the folder may not exist yet
-            db = Path(spec[len("sqlite:///"):]).expanduser().resolve()
-            db.parent.mkdir(parents=True, exist_ok=True)
-            spec = f"sqlite:///{db}"
-        try:
-            return optuna.storages.RDBStorage(spec)
-        except Exception as e:  # SQLAlchemy's errors: bad URL, missing driver, unreachable server
-            raise ConfigError(f"--optuna-storage {spec}: {e}") from None
-    from optuna.storages.journal import JournalFileBackend
-    path = Path(spec.removeprefix("journal:")).expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    path = optuna_file(spec)
+    try:
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        if path is None or spec.startswith("sqlite:///"):
+            storage = optuna.storages.RDBStorage(f"sqlite:///{path}" if path is not None else spec)
+        else:
+            from optuna.storages.journal import JournalFileBackend
+            storage = optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        optuna.get_all_study_summaries(storage)  # reads it: a corrupt file fails here, not after stage I
+        return storage
+    except Exception as e:  # SQLAlchemy's (a corrupt file, bad URL, missing driver, unreachable server), a bad journal
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"--optuna-storage {spec} cannot be read ({type(e).__name__}: {first}); move the file aside "
+                          f"(Optuna cannot read it) or pass another --optuna-storage") from None
+
+
+def check_fresh_study(storage, name: str, continuing: bool, restart: bool) -> None:
+    """A new experiment needs a new study: an existing one of that name is refused unless
+    --restart (which deletes it when the new experiment starts: `fresh_study`); TPE would
+    otherwise learn from trials this experiment never ran."""
+    if storage is None or continuing or restart:
+        return
+    import optuna
+    if name in [s.study_name for s in optuna.get_all_study_summaries(storage)]:
+        raise ConfigError(f"the Optuna storage already holds a study named {name!r} but there is no Ray experiment to "
+                          f"resume; pass --restart to delete the study, or choose another --name")
 
 
 def fresh_study(storage, name: str, restart: bool) -> None:
-    """A new experiment needs a new study: delete the old one with --restart, else refuse
-    (TPE would otherwise learn from trials this experiment never ran)."""
+    """With --restart, delete the study of this name (check_fresh_study refused it otherwise)."""
     if storage is None:
         return
     import optuna
-    if name not in [s.study_name for s in optuna.get_all_study_summaries(storage)]:
-        return
-    if not restart:
-        raise ConfigError(f"the Optuna storage already holds a study named {name!r} but there is no Ray experiment to "
-                          f"resume; pass --restart to delete the study, or choose another --name")
-    optuna.delete_study(study_name=name, storage=storage)
+    if restart and name in [s.study_name for s in optuna.get_all_study_summaries(storage)]:
+        optuna.delete_study(study_name=name, storage=storage)
 
 
 class EvaluatedOptunaSearch(OptunaSearch):
@@ -438,20 +490,22 @@ def main(argv=None, trainable=None) -> int:
         name = args.name or default_name(cfg)
         storage = storage_uri(args.storage)
         check_writable(storage, "--storage")
-        held.enter_context(hold_experiment(storage, name))  # first: one driver per experiment (risda.runner.lock)
+        path = experiment_uri(storage, name)
+        out = Path(args.results).expanduser().resolve() / name
+        check_writable(out, "--results")  # creates nothing: a refusal leaves no empty folder
+        continuing = not args.restart and tune.Tuner.can_restore(path)
+        given = config_overrides(args)
+        search_space(args, given, cfg, NUM_CLASSES.get(cfg.dataset, 100))  # the plan, before the data is read
+        held.enter_context(hold_experiment(storage, name))  # one driver per experiment (risda.runner.lock)
         num_classes = NUM_CLASSES.get(cfg.dataset, 100)
         if checkable(cfg, args.address):  # bad data: one line before Ray starts (risda.runner.datacheck)
             data_info = check_data(cfg, need_val=f"pass --val-per-class N (e.g. {DEFAULT_VAL_PER_CLASS})")
             num_classes = data_info["num_classes"]
             console.log(f"data: {data_info['train_size']} train / {data_info['val_size']} val / "
                         f"{data_info['test_size']} test images, {num_classes} classes ({data_info['source']})")
-        space = search_space(args, config_overrides(args), cfg, num_classes)
+        space = search_space(args, given, cfg, num_classes)
         point = paper_point(cfg.imbalance, space, num_classes) if args.enqueue_paper else None
-        path = experiment_uri(storage, name)
-        out = Path(args.results).expanduser().resolve() / name
-        check_writable(out, "--results")
         params = list(space)
-        continuing = not args.restart and tune.Tuner.can_restore(path)
         if continuing and given_max_failures is None:  # resumed elsewhere (a laptop, a cluster): Tune keeps its retries
             args.max_failures = saved_identity(path).get("max_failures", args.max_failures)
         identity = experiment_identity(cfg, space, args)
@@ -460,6 +514,8 @@ def main(argv=None, trainable=None) -> int:
         shared = stage1_configs(cfg, space, args, console)
         cache_root = stage1_cache_root(args.stage1_cache, storage) if shared else None
         make_scheduler(args, cfg)  # a bad --grace-period fails before Ray starts
+        study_storage = check_optuna_storage(args.optuna_storage)  # a corrupt study file: one line, before stage I
+        check_fresh_study(study_storage, name, continuing, args.restart)
         stage1_plan = None
         if shared:
             check_writable(cache_root, "--stage1-cache")
@@ -475,7 +531,7 @@ def main(argv=None, trainable=None) -> int:
             stage1 = ensure_stage1(stage1_plan, cache_root, storage, name, resources, args.max_failures)
             console.log(describe_stage1(stage1))
         train = tune.with_resources(trainable or train_trial, resources)
-        study_storage = optuna_storage(args.optuna_storage)
+        study_storage = study_storage or optuna_storage(args.optuna_storage)  # a new study file: created now
         param_space = {**cfg.to_dict(), **({STAGE1_CACHE_KEY: cache_root} if cache_root else {})}
 
         def new_tuner():

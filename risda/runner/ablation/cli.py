@@ -29,7 +29,7 @@ from ...config import Config, ConfigError, add_config_args, config_overrides
 from ...evaluate import SUMMARY_ERRORS
 from ...progress import set_log_every
 from ..cluster import (add_runner_args, check_writable, cluster_summary, experiment_uri, init_ray, quiet_tune,
-                       storage_uri)
+                       storage_uri, trial_resources)
 from ..collate import Outcome, write_parquet
 from ..datacheck import check_cells_data
 from ..exits import failure_exit
@@ -229,13 +229,18 @@ def run_held(args, console, argv, held: contextlib.ExitStack) -> int:
     if args.dry_run:
         dry_run(console, plan)
         return 0
-    check_writable(results_dir, "--results")  # before Ray starts or anything trains
+    trains = not (args.collate_only or args.from_runs)
     stage1_plan = cache = None
-    if not (args.collate_only or args.from_runs):
+    if trains:
         check_writable(storage, "--storage")
+    check_writable(results_dir, "--results")  # creates nothing: a refusal leaves no empty folder
+    if trains:
+        if not args.restart:
+            check_same_plan(plan, storage, name)
         held.enter_context(hold_experiment(storage, name))  # before anything of the experiment is touched
         # Every cell's data (layout, long-tailed subset), before Ray starts: one line, exit 2 (as tune/search.py).
-        checked = check_cells_data([Config.from_dict(c["config"]) for c in plan["cells"]], args.address)
+        configs = [Config.from_dict(c["config"]) for c in plan["cells"]]
+        checked = check_cells_data(configs, args.address)
         if checked:
             console.print(f"data: {checked} distinct data configuration(s) of the {len(plan['cells'])} cells checked")
         if args.shared_stage1:  # every stage-I entry verified, a bad one moved aside, before Ray starts
@@ -264,19 +269,18 @@ def run_held(args, console, argv, held: contextlib.ExitStack) -> int:
             if stage1:
                 write_parquet(pd.concat(stage1, ignore_index=True), results_dir / "stage1.parquet")
     else:
-        if not args.restart:
-            check_same_plan(plan, storage, name)
-        results_dir.mkdir(parents=True, exist_ok=True)
-        stamp_provenance(plan, argv, None if args.restart else results_dir / "plan.json")
-        (results_dir / "plan.json").write_text(json.dumps(plan, indent=1))
         we_started = True  # until init_ray says otherwise: an interrupted start-up is shut down too
         try:
             we_started = init_ray(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                                   include_dashboard=False, logging_level="warning", log_to_driver=False)
+            trial_resources(args.cpus_per_trial, args.gpus_per_trial)  # a GPU no node has: refused before any write
             console.print(f"Ray: {cluster_summary()}; per trial {args.cpus_per_trial:g} CPU, {args.gpus_per_trial:g} GPU")
             if args.gpus_per_trial == 0 and ray.cluster_resources().get("GPU", 0):
                 console.print("[yellow]note:[/] the cluster has GPUs but --gpus-per-trial is 0: trials train on CPUs "
                               "(e.g. --gpus-per-trial 0.25 packs four trials on a GPU)")
+            results_dir.mkdir(parents=True, exist_ok=True)
+            stamp_provenance(plan, argv, None if args.restart else results_dir / "plan.json")
+            (results_dir / "plan.json").write_text(json.dumps(plan, indent=1))
             try:
                 grid, restored, stage1 = run_experiment(
                     plan, storage, name, args.cpus_per_trial, args.gpus_per_trial, restart=args.restart,

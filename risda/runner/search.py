@@ -58,6 +58,7 @@ from .datacheck import check_data, checkable
 from .exits import failure_exit
 from .lock import hold_experiment
 from .progress import RichProgress, driver_console, print_top
+from .results_owner import check_results_owner
 from .retry import NoRetryWhenDiverged, max_failures
 from .stage1 import Stage1Failed, Stage1Interrupted, check_stage1, describe_stage1, ensure_stage1, stage1_cache_root
 from .trainables import STAGE1_CACHE_KEY, absolute_paths, train_trial, trial_dirname
@@ -494,6 +495,7 @@ def main(argv=None, trainable=None) -> int:
         out = Path(args.results).expanduser().resolve() / name
         check_writable(out, "--results")  # creates nothing: a refusal leaves no empty folder
         continuing = not args.restart and tune.Tuner.can_restore(path)
+        check_results_owner(out, path, new=not continuing, restart=args.restart)  # nothing replaced unasked
         given = config_overrides(args)
         search_space(args, given, cfg, NUM_CLASSES.get(cfg.dataset, 100))  # the plan, before the data is read
         held.enter_context(hold_experiment(storage, name))  # one driver per experiment (risda.runner.lock)

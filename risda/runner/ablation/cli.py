@@ -37,6 +37,7 @@ from ..lock import hold_experiment
 from ..retry import max_failures
 from ..progress import driver_console
 from ..provenance import ablation_command, code_state
+from ..results_owner import check_results_owner
 from ..stage1 import Stage1Failed, Stage1Interrupted, check_stage1, describe_stage1, stage1_cache_root
 from ..trainables import absolute_paths
 from .experiment import load_results, run_experiment, saved_plan, training_plan, trials_from_grid
@@ -229,11 +230,15 @@ def run_held(args, console, argv, held: contextlib.ExitStack) -> int:
     if args.dry_run:
         dry_run(console, plan)
         return 0
+    source = (str(Path(args.from_runs).resolve()) if args.from_runs
+              else ", ".join(experiment_uri(storage, n) for n in merge or [name]))  # runs.parquet's `experiment`
     trains = not (args.collate_only or args.from_runs)
     stage1_plan = cache = None
     if trains:
         check_writable(storage, "--storage")
     check_writable(results_dir, "--results")  # creates nothing: a refusal leaves no empty folder
+    new = trains and (args.restart or not tune.Tuner.can_restore(experiment_uri(storage, name)))
+    check_results_owner(results_dir.resolve(), source, new=new, restart=args.restart)  # nothing replaced unasked
     if trains:
         if not args.restart:
             check_same_plan(plan, storage, name)

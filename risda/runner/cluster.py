@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import socket
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -20,6 +19,7 @@ from ray import tune
 from ..config import ConfigError
 from ..progress import seconds_flag
 from ..storage import delete_dir
+from .address import check_reachable, resolve_address  # noqa: F401  (check_reachable: for older callers)
 from .collate import trial_statuses
 from .trainables import remove_scratch
 
@@ -63,7 +63,9 @@ def add_runner_args(parser, default_name: str) -> None:
 # --- the cluster ----------------------------------------------------------------------------
 def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
              **options) -> bool:
-    """Connect to the cluster at `address` (or $RAY_ADDRESS); with neither, start an embedded
+    """Connect to the cluster at `address` (or $RAY_ADDRESS; `auto` resolved by
+    risda.runner.address.resolve_address, which refuses anything but a cluster this user
+    started with `ray start` and that answers); with neither, start an embedded
     local Ray with num_cpus/num_gpus (default: what the machine has), listening on 127.0.0.1
     only (a dashboard too). `options` go to ray.init either way (e.g. include_dashboard=False,
     logging_level="warning").
@@ -75,9 +77,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     # The driver does not echo the workers', raylet's and GCS's own logs ("(raylet) ...", "[state-dump]"):
     # trial failures come through Tune; the logs stay in /tmp/ray/session_*/logs.
     options.setdefault("log_to_driver", False)
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = resolve_address(address)  # `auto` only as this user's `ray start` (risda.runner.address)
     if address:
-        check_reachable(address)
         options.pop("include_dashboard", None)  # only meaningful when starting Ray
         on_loopback = address.split("://", 1)[-1].rpartition(":")[0] in (LOOPBACK, "localhost")
         try:
@@ -133,23 +134,6 @@ def loopback_node_ip():
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
-
-
-def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Raise ConfigError quickly when nothing listens at a host:port address (ray.init
-    itself would retry for a minute and then fail with a less helpful message)."""
-    if address == "auto":
-        return
-    hostport = address.split("://", 1)[-1]
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--address {address!r} is not host:port (or ray://host:port, or auto)")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as e:
-        raise ConfigError(f"no Ray cluster answers at {address} ({e}): start one there with "
-                          f"`ray start --head --port {port}`, fix --address / RAY_ADDRESS, "
-                          f"or drop --address to run on an embedded local Ray") from None
 
 
 def trial_resources(cpus_per_trial: float, gpus_per_trial: float) -> dict:

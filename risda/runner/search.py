@@ -51,11 +51,13 @@ from ..presets import TABLE2
 from ..progress import set_log_every
 from ..stage1 import BOOKKEEPING_FIELDS, STAGE2_FIELDS, shares_stage1
 from ..storage import read_text, write_text
+from .address import resolve_address
 from .cluster import (add_runner_args, check_writable, cluster_summary, experiment_uri, init_ray, quiet_tune,
                       remove_trial_scratch, restore_or_new_tuner, storage_uri, trial_resources)
 from .collate import RESULTS_INTACT, Outcome, best_trial, collate, write_parquet
 from .datacheck import check_data, checkable
 from .exits import failure_exit
+from .headwatch import watch_head
 from .lock import hold_experiment
 from .progress import RichProgress, driver_console, print_top
 from .results_owner import check_results_owner
@@ -489,6 +491,7 @@ def main(argv=None, trainable=None) -> int:
     try:
         cfg = base_config(args)
         name = args.name or default_name(cfg)
+        args.address = resolve_address(args.address)  # `auto`, a dead head: one line first (risda.runner.address)
         storage = storage_uri(args.storage)
         check_writable(storage, "--storage")
         path = experiment_uri(storage, name)
@@ -525,6 +528,7 @@ def main(argv=None, trainable=None) -> int:
         if not continuing:  # a new experiment: an older best.json is not its result
             (out / "best.json").unlink(missing_ok=True)
         owns_ray = not ray.is_initialized()  # set first: a ray.init interrupted halfway is shut down too
+        held.enter_context(watch_head(args.address, path))  # a lost head: one line, exit 1 (risda.runner.headwatch)
         init_ray(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus, logging_level="warning")
         resources = trial_resources(args.cpus_per_trial, args.gpus_per_trial)
         console.log(f"ray: {cluster_summary()}; per trial {resources}")

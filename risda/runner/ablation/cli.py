@@ -28,11 +28,13 @@ from rich.markup import escape
 from ...config import Config, ConfigError, add_config_args, config_overrides
 from ...evaluate import SUMMARY_ERRORS
 from ...progress import set_log_every
+from ..address import resolve_address
 from ..cluster import (add_runner_args, check_writable, cluster_summary, experiment_uri, init_ray, quiet_tune,
                        storage_uri, trial_resources)
 from ..collate import Outcome, write_parquet
 from ..datacheck import check_cells_data
 from ..exits import failure_exit
+from ..headwatch import watch_head
 from ..lock import hold_experiment
 from ..retry import max_failures
 from ..progress import driver_console
@@ -235,6 +237,7 @@ def run_held(args, console, argv, held: contextlib.ExitStack) -> int:
     trains = not (args.collate_only or args.from_runs)
     stage1_plan = cache = None
     if trains:
+        args.address = resolve_address(args.address)  # `auto`, a dead head: one line first (risda.runner.address)
         check_writable(storage, "--storage")
     check_writable(results_dir, "--results")  # creates nothing: a refusal leaves no empty folder
     new = trains and (args.restart or not tune.Tuner.can_restore(experiment_uri(storage, name)))
@@ -276,6 +279,7 @@ def run_held(args, console, argv, held: contextlib.ExitStack) -> int:
     else:
         we_started = True  # until init_ray says otherwise: an interrupted start-up is shut down too
         try:
+            held.enter_context(watch_head(args.address, experiment_uri(storage, name)))  # a lost head: one line, exit 1
             we_started = init_ray(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                                   include_dashboard=False, logging_level="warning", log_to_driver=False)
             trial_resources(args.cpus_per_trial, args.gpus_per_trial)  # a GPU no node has: refused before any write

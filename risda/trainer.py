@@ -41,7 +41,19 @@ PROGRESS_EVERY = 20    # steps between the progress bar's loss readings (each on
 
 
 class DivergedError(RunFailure):
-    """The training loss stopped being finite, or exploded."""
+    """The training loss stopped being finite, or exploded. `checkpoint`: the run's last good
+    checkpoint, named in the message only where it outlives the run (`elsewhere()` drops it:
+    a Ray trial's scratch folder is removed when the trial ends)."""
+
+    def __init__(self, reason: str, hint: str = "", checkpoint: str | None = None):
+        super().__init__(reason, hint, checkpoint)
+        self.reason, self.hint, self.checkpoint = reason, hint, checkpoint
+
+    def __str__(self) -> str:
+        return self.reason + (f". The last good checkpoint is {self.checkpoint}" if self.checkpoint else "") + self.hint
+
+    def elsewhere(self) -> "DivergedError":
+        return DivergedError(self.reason, self.hint)
 
 
 def pick_device(name: str) -> torch.device:
@@ -147,10 +159,12 @@ def check_diverged(loss_sum: torch.Tensor, seen: int, cfg: Config, epoch: int, l
     if math.isfinite(loss) and loss < DIVERGED_LOSS:
         return
     what = "became " + str(loss) if not math.isfinite(loss) else f"exploded to {loss:.3g} (> {DIVERGED_LOSS:g})"
+    checkpoint = out / "checkpoint.pt"
     raise DivergedError(
         f"diverged: the mean training loss {what} at epoch {epoch} (lr {lr:g}, arm {cfg.arm}, alpha {cfg.alpha}, "
-        f"beta {cfg.beta}); lower --lr, --alpha or --beta. The last good checkpoint, if any, is {out / 'checkpoint.pt'}"
-        + divergence_hint(cfg.variant, cfg.stage1_epochs, cfg.epochs, epoch))
+        f"beta {cfg.beta}); lower --lr, --alpha or --beta",
+        divergence_hint(cfg.variant, cfg.stage1_epochs, cfg.epochs, epoch),
+        str(checkpoint) if checkpoint.is_file() else None)
 
 
 def epoch_threads(cfg: Config, epoch: int, threads: int) -> int:

@@ -80,6 +80,7 @@ TRIAL_MANAGED = ("out", "resume", "progress", "threads", "stage1_threads")
 # replays it with them): fp32 rounding on a CPU depends on the thread count, and a shared stage I
 # (risda.runner.stage1) may have had more CPUs than the stage-II trials.
 RAN_WITH = ("torch_threads", "compile", "stage1_torch_threads", "stage1_compile")
+CHANCE_MARGIN = 1.0  # points of validation error: a best trial this close to a guess is flagged (at_chance)
 
 
 # --- the search space --------------------------------------------------------------------------
@@ -426,10 +427,21 @@ def stage1_configs(cfg: Config, space: dict, args, console) -> list[Config] | No
 
 
 # --- outputs ---------------------------------------------------------------------------------------
-def write_results(grid, out: Path, params: list[str], info: dict, stage1=None) -> tuple:
+def chance_error(num_classes: int) -> float:
+    """The top-1 error of a guess, in percent, on a balanced split (the validation split is)."""
+    return 100 * (1 - 1 / num_classes)
+
+
+def at_chance(value, num_classes: int) -> bool:
+    """A validation error within CHANCE_MARGIN points of a guess's: the trial learned nothing."""
+    return value is not None and value >= chance_error(num_classes) - CHANCE_MARGIN
+
+
+def write_results(grid, out: Path, params: list[str], info: dict, stage1=None, num_classes: int | None = None) -> tuple:
     """trials.parquet, epochs.parquet, stage1.parquet and best.json in `out`; returns
     (trials, best row). best.json comes only from a trial that ran all its epochs, and says how
-    many did; with none, an earlier best.json is removed rather than left looking current."""
+    many did; with none, an earlier best.json is removed rather than left looking current. It
+    says `at_chance` when even the best trial is no better than a guess (num_classes given)."""
     trials, epochs = collate(grid, metric=METRIC, params=params)
     for k in ("search_seed", "experiment"):
         trials[k] = info[k]
@@ -453,7 +465,9 @@ def write_results(grid, out: Path, params: list[str], info: dict, stage1=None) -
         "trial_id": best["trial_id"], **{k: _plain(best[f"final_{k}"]) for k in error_names("test_")},
         "stage1_key": _plain(best.get("stage1_key")), **{k: _plain(summary.get(k)) for k in RAN_WITH},
         "trials_completed": int(len(ok)), "trials_requested": info["num_samples"],
-        "trials_failed": int((trials["status"] == "ERROR").sum()), **info}
+        "trials_failed": int((trials["status"] == "ERROR").sum()), **info,
+        **({"at_chance": at_chance(_plain(best[f"final_{METRIC}"]), num_classes),
+            "chance_error": chance_error(num_classes)} if num_classes else {})}
     tmp = out / "best.json.tmp"
     with writing(best_path, RESULTS_INTACT, tmp):  # a full disk: one line, no .tmp left (risda.failures)
         tmp.write_text(json.dumps(best_json, indent=2))
@@ -563,7 +577,7 @@ def main(argv=None, trainable=None) -> int:
                     + (f"; first trial: paper Table 2 point {point}" if point and not restored else ""))
         grid = remove_trial_scratch(tuner.fit())  # what killed trials left in the temp folder
         trials, best = write_results(grid, out, params, dict(search_seed=args.search_seed, experiment=path, name=name,
-                                                             num_samples=args.num_samples), stage1)
+                                                             num_samples=args.num_samples), stage1, num_classes)
     except Stage1Interrupted as e:
         console.print(f"[yellow]interrupted:[/yellow] {e}")
         return 130
@@ -584,6 +598,11 @@ def main(argv=None, trainable=None) -> int:
         shown = ", ".join(f"{p}={v:.4g}" if isinstance(v, float) else f"{p}={v}" for p, v in ((p, _plain(best[p])) for p in params))
         console.print(f"best of {outcome.done} finished trial(s): {shown}  {METRIC} {best[f'final_{METRIC}']:.2f}  "
                       f"test {best['final_test_error']:.2f}  -> {out / 'best.json'}")
+        if at_chance(_plain(best[f"final_{METRIC}"]), num_classes):
+            console.print(f"[yellow]warning:[/yellow] even the best trial is at chance level ({METRIC} "
+                          f"{best[f'final_{METRIC}']:.2f}; a guess among {num_classes} classes gets "
+                          f"{chance_error(num_classes):.1f}): no trial learned anything, so best.json (marked at_chance) "
+                          f"is no tuned setting; give the trials more epochs or data, or check --lr", soft_wrap=True)
     else:
         console.print("[red]no trial ran all its epochs: no best.json[/red]")
     console.print(f"wrote {out}/trials.parquet, epochs.parquet{', stage1.parquet' if stage1 is not None else ''}"

@@ -31,7 +31,7 @@ from ...progress import set_log_every
 from ..address import resolve_address
 from ..cluster import (add_runner_args, check_writable, cluster_summary, experiment_uri, init_ray, quiet_tune,
                        storage_uri, trial_resources)
-from ..collate import Outcome, write_parquet
+from ..collate import Outcome, count_diverged, write_parquet
 from ..datacheck import check_cells_data
 from ..exits import failure_exit
 from ..headwatch import watch_head
@@ -83,20 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plan_from_args(args):
     spec = load_spec(args.spec)
-    grid = {}
-    if args.arms:
-        grid["arm"] = parse_list(args.arms)
-    if args.imbalances:
-        grid["imbalance"] = parse_list(args.imbalances)
-    if args.seeds:
-        grid["seed"] = parse_list(args.seeds)
+    grid, origins = {}, {}  # axis -> values, and the flag that gave them (a typo is blamed on it)
+    for axis, flag, text in (("arm", "--arms", args.arms), ("imbalance", "--imbalance", args.imbalances),
+                             ("seed", "--seeds", args.seeds)):
+        if text:
+            grid[axis], origins[axis] = parse_list(text), flag
     for item in args.grid:
         axis, sep, values = item.partition("=")
         if not sep or not parse_list(values):
             raise ConfigError(f"--grid {item!r}: write AXIS=V1,V2 (e.g. --grid head_count=2,4)")
-        grid[axis.strip().replace("-", "_")] = parse_list(values)
+        axis = axis.strip().replace("-", "_")
+        grid[axis], origins[axis] = parse_list(values), f"--grid {item}"
     flags = config_overrides(args)
-    spec, flags, notes = apply_overrides(spec, grid, flags)
+    spec, flags, notes = apply_overrides(spec, grid, flags, origins)
     if args.metric:
         spec.metric = args.metric
     best, best_notes = read_best(args.config) if args.config else (None, [])
@@ -339,4 +338,5 @@ def run_held(args, console, argv, held: contextlib.ExitStack) -> int:
     console.print(f"{n_ok}/{len(runs)} cells ok in {time.time() - started:.0f} s; wrote {results_dir}/"
                   f"{{runs,summary,epochs}}.parquet, table.md, table.tex, {figure.name}")
     n_failed, n_unfinished = int((runs.status == FAILED).sum()), int((runs.status == NOT_RUN).sum())
-    return Outcome(n_ok, n_failed, n_unfinished).report(console, retry_hint=True)
+    diverged = count_diverged(runs[runs.status == FAILED].error)
+    return Outcome(n_ok, n_failed, n_unfinished, diverged).report(console, retry_hint=True)

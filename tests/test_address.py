@@ -18,8 +18,6 @@ from pathlib import Path
 import pytest
 
 from risda.config import ConfigError
-from risda.runner import headwatch
-from risda.runner.address import resolve_address
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,12 +90,14 @@ def test_auto_without_a_ray_start_cluster_is_one_line_before_anything(cifar10_ro
 
 def test_auto_with_a_stale_record_is_refused(ray_tmp, monkeypatch):
     """`ray start` recorded a cluster that is gone (killed without `ray stop`): refused, not retried."""
+    from risda.runner.address import resolve_address
     ray_tmp.write_text(f"127.0.0.1:{free_port()}")
     with pytest.raises(ConfigError, match=r"the cluster `ray start` recorded in .* no longer runs here \(no raylet of it"):
         resolve_address("auto")
 
 
 def test_auto_joins_this_users_ray_start_cluster_only(ray_tmp, fake_raylet):
+    from risda.runner.address import resolve_address
     port = free_port()
     fake_raylet(port)
     time.sleep(0.05)
@@ -117,6 +117,7 @@ def test_auto_joins_this_users_ray_start_cluster_only(ray_tmp, fake_raylet):
 
 def test_auto_does_not_take_a_recorded_ray_that_does_not_answer(ray_tmp, fake_raylet):
     """The recorded cluster's raylet runs, but nothing answers at its GCS port: refused in seconds."""
+    from risda.runner.address import resolve_address
     port = free_port()
     fake_raylet(port, listen=False)
     ray_tmp.write_text(f"127.0.0.1:{port}")
@@ -128,6 +129,7 @@ def test_auto_does_not_take_a_recorded_ray_that_does_not_answer(ray_tmp, fake_ra
 
 # --- a head lost during a run ----------------------------------------------------------------
 def test_a_lost_head_is_one_line_and_exit_1_within_the_bound(capsys):
+    from risda.runner import headwatch
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen()
@@ -162,6 +164,7 @@ def test_a_search_on_a_ray_start_cluster_whose_head_dies(cifar10_root, tmp_path)
     """`ray start --head` in a temp dir of its own; `tune/search.py --address auto` joins it (RAY_TMPDIR points
     at its record) and trains; the head's processes are killed: the driver prints one line and exits 1
     within LOST_AFTER_S and a poll (Ray alone: 60 s, then its own fatal message; during ray.init: forever)."""
+    from risda.runner import headwatch
     short = tempfile.mkdtemp(prefix="r25-", dir="/tmp")  # Ray's socket paths must stay short
     # TMPDIR too: the killed trials' scratch folders go there, and with it
     env = {**os.environ, "RAY_TMPDIR": short, "TMPDIR": short, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}

@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 
 from risda import train as cli
-from risda.runner.results_owner import check_results_owner
 from risda.config import ConfigError
 
 
@@ -85,6 +84,7 @@ def results(folder, experiment, table="trials.parquet"):
 
 
 def test_the_owner_rule(tmp_path):
+    from risda.runner.results_owner import check_results_owner
     folder = tmp_path / "res" / "x"
     check_results_owner(folder, "/s/x", new=True)  # nothing there yet
     results(folder, "/s/x")

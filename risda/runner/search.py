@@ -297,8 +297,9 @@ def optuna_storage(spec: str | None):
         return storage
     except Exception as e:  # SQLAlchemy's (a corrupt file, bad URL, missing driver, unreachable server), a bad journal
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"--optuna-storage {spec} cannot be read ({type(e).__name__}: {first}); move the file aside "
-                          f"(Optuna cannot read it) or pass another --optuna-storage") from None
+        where = f" ({path})" if path is not None and str(path) not in spec else ""
+        raise ConfigError(f"--optuna-storage {spec}{where} cannot be read ({type(e).__name__}: {first}); move the file "
+                          f"aside (Optuna cannot read it) or pass another --optuna-storage") from None
 
 
 def check_fresh_study(storage, name: str, continuing: bool, restart: bool) -> None:

@@ -118,3 +118,27 @@ def test_a_second_trainer_of_a_stage1_key_waits_for_the_first(tmp_path):
         entry.write_text("{}")  # the first stores its stage I
     t.join(10)
     assert found == [True]
+
+
+def test_a_released_lock_leaves_no_file_and_no_folder_it_made(tmp_path):
+    """Issue 25: a refused driver left `<storage>/<name>.lock` (and the storage folder) behind."""
+    (tmp_path / "kept").mkdir()
+    with hold_experiment(str(tmp_path / "kept" / "new" / "ray_results"), "exp"):
+        assert (tmp_path / "kept" / "new" / "ray_results" / "exp.lock").is_file()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"]  # the folders it made are gone, the old one kept
+
+
+def test_a_waiter_on_a_removed_lock_file_takes_the_new_one(tmp_path):
+    """A waiter that opened the lock file before its holder removed it must not hold a lock on the
+    removed file while a third process takes the new one."""
+    path = str(tmp_path / "k.lock")
+    first = FileLock(path)
+    assert first.acquire() is None
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(FileLock(path).acquire(wait=True)))
+    waiter.start()
+    time.sleep(0.3)
+    first.release()
+    waiter.join(10)
+    assert got == [None] and os.path.exists(path)  # the waiter holds the file now at the path
+    assert FileLock(path).acquire() is not None  # and a third is refused

@@ -177,6 +177,7 @@ def test_an_ablations_failed_stage1_is_one_line(monkeypatch, capsys, tmp_path, c
     monkeypatch.setattr(cli, "check_cells_data", lambda *a, **k: 0)
     monkeypatch.setattr(cli, "init_ray", lambda *a, **k: False)  # no Ray: run_experiment fails first
     monkeypatch.setattr(cli, "cluster_summary", lambda: "no cluster")
+    monkeypatch.setattr(cli, "trial_resources", lambda *a, **k: {"cpu": 1, "gpu": 0})
     monkeypatch.setattr(cli.ray, "cluster_resources", lambda: {})
     monkeypatch.setattr(cli, "run_experiment", fail)
     rc = cli.main(["--spec", "cifar10lt_reduced", "--arms", "ce", "--data-root", str(cifar10_root), "--imbalance", "10",

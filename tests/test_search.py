@@ -167,7 +167,8 @@ def test_a_search_whose_stage1_diverges_fails_and_leaves_no_best_json(cifar10_ro
     out = tmp_path / "results" / "diverge"
     out.mkdir(parents=True)
     (out / "best.json").write_text('{"stale": "from an earlier experiment of this name"}')
-    assert search.main(tiny_argv(cifar10_root, tmp_path, "diverge", "--lr", "1e6")) == 1
+    # replacing an earlier experiment's results is asked for (--restart); without it they are kept (test_results_owner.py)
+    assert search.main(tiny_argv(cifar10_root, tmp_path, "diverge", "--lr", "1e6", "--restart")) == 1
     assert not (out / "best.json").exists()  # no trial finished: nothing may look like a result
     captured = capsys.readouterr()
     assert "diverged" in " ".join((captured.out + captured.err).split())

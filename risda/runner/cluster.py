@@ -8,17 +8,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import socket
 import warnings
 from pathlib import Path
 from typing import Callable
 
+import pyarrow.fs
 import ray
 from ray import tune
 
 from ..trainer.config import ConfigError
 from ..trainer.progress import seconds_flag
 from ..trainer.storage import delete_dir
+from .address import check_reachable, resolve_address  # noqa: F401  (check_reachable: for older callers)
 from .collate import trial_statuses
 from .trackers import add_tracker_args
 from .trainables import remove_scratch
@@ -64,7 +65,9 @@ def add_runner_args(parser, default_name: str) -> None:
 # --- the cluster ----------------------------------------------------------------------------
 def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
              **options) -> bool:
-    """Connect to the cluster at `address` (or $RAY_ADDRESS); with neither, start an embedded
+    """Connect to the cluster at `address` (or $RAY_ADDRESS; `auto` resolved by
+    risda.runner.address.resolve_address, which refuses anything but a cluster this user
+    started with `ray start` and that answers); with neither, start an embedded
     local Ray with num_cpus/num_gpus (default: what the machine has), listening on 127.0.0.1
     only (a dashboard too). `options` go to ray.init either way (e.g. include_dashboard=False,
     logging_level="warning").
@@ -76,9 +79,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     # The driver does not echo the workers', raylet's and GCS's own logs ("(raylet) ...", "[state-dump]"):
     # trial failures come through Tune; the logs stay in /tmp/ray/session_*/logs.
     options.setdefault("log_to_driver", False)
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = resolve_address(address)  # `auto` only as this user's `ray start` (risda.runner.address)
     if address:
-        check_reachable(address)
         options.pop("include_dashboard", None)  # only meaningful when starting Ray
         on_loopback = address.split("://", 1)[-1].rpartition(":")[0] in (LOOPBACK, "localhost")
         try:
@@ -134,23 +136,6 @@ def loopback_node_ip():
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
-
-
-def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Raise ConfigError quickly when nothing listens at a host:port address (ray.init
-    itself would retry for a minute and then fail with a less helpful message)."""
-    if address == "auto":
-        return
-    hostport = address.split("://", 1)[-1]
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--address {address!r} is not host:port (or ray://host:port, or auto)")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as e:
-        raise ConfigError(f"no Ray cluster answers at {address} ({e}): start one there with "
-                          f"`ray start --head --port {port}`, fix --address / RAY_ADDRESS, "
-                          f"or drop --address to run on an embedded local Ray") from None
 
 
 def trial_resources(cpus_per_trial: float, gpus_per_trial: float) -> dict:
@@ -220,14 +205,34 @@ def remove_trial_scratch(grid):
 
 
 def check_writable(path: str | Path, flag: str) -> None:
-    """A local output folder that can be created and written, checked before Ray starts."""
-    if "://" in str(path):
-        return
-    path = Path(path)
+    """An output folder that can be created and written, checked before Ray starts and without
+    creating anything (a refused command leaves no empty folder): a local path's nearest existing
+    folder takes a probe file; a URI (s3://, gs://) is reached and takes a probe object."""
+    if "://" in str(path) and not str(path).startswith("file://"):
+        return check_object_storage(str(path), flag)
+    path = Path(str(path).removeprefix("file://")).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".risda-write-test-{os.getpid()}"
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        probe = existing / f".risda-write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"{flag} {path} is not writable ({e.strerror or e}); choose a folder you can write to") from None
+
+
+def check_object_storage(uri: str, flag: str) -> None:
+    """A storage URI that pyarrow can open and write to (one small probe object, deleted)."""
+    from ..trainer.failures import one_line
+    from ..trainer.storage import delete_file, filesystem, write_text
+    probe = f"{uri.rstrip('/')}/.risda-write-test-{os.getpid()}"
+    try:
+        fs, where = filesystem(uri)
+        if fs.get_file_info(where).type == pyarrow.fs.FileType.File:
+            raise OSError("it is a file, not a folder")
+        write_text(probe, "")
+        delete_file(probe)
+    except Exception as e:  # pyarrow: ArrowInvalid (an unknown scheme), OSError (no such bucket, credentials, network)
+        raise ConfigError(f"{flag} {uri} cannot be used ({type(e).__name__}: {one_line(e)[:300]}): check the URI, the "
+                          f"bucket and its credentials") from None

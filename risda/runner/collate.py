@@ -148,31 +148,47 @@ def write_parquet(df, path: Path) -> Path:
 
 class Outcome:
     """How a set of requested trials ended: done (TERMINATED: all epochs, or stopped by the
-    scheduler), failed (ERROR, diverged included) and unfinished (never started, pending,
-    running or paused when the driver stopped)."""
+    scheduler), failed (ERROR, diverged included; `diverged` of them diverged) and unfinished
+    (never started, pending, running or paused when the driver stopped)."""
 
-    def __init__(self, done: int, failed: int, unfinished: int):
-        self.done, self.failed, self.unfinished = done, failed, unfinished
+    def __init__(self, done: int, failed: int, unfinished: int, diverged: int = 0):
+        self.done, self.failed, self.unfinished, self.diverged = done, failed, unfinished, diverged
 
     @classmethod
     def of(cls, trials, requested: int) -> "Outcome":
         status = trials["status"] if len(trials) else []
         done = int((status == "TERMINATED").sum()) if len(trials) else 0
         failed = int((status == "ERROR").sum()) if len(trials) else 0
-        return cls(done, failed, max(0, requested - done - failed))
+        diverged = count_diverged(trials[status == "ERROR"]["error"]) if failed and "error" in trials else 0
+        return cls(done, failed, max(0, requested - done - failed), diverged)
 
     def report(self, console, retry_hint: bool = False) -> int:
         """Print what did not finish; the exit code: 0 all done, 130 interrupted, 1 failures."""
         total = self.done + self.failed + self.unfinished
         if self.failed:
-            hint = " (rerun with --retry-errored to continue them from their last checkpoint)" if retry_hint else ""
-            console.print(f"[red]{self.failed} of {total} trial(s) failed{hint}[/red]")
+            console.print(f"[red]{self.failed} of {total} trial(s) failed{self.hint() if retry_hint else ''}[/red]")
         if self.unfinished:
             console.print(f"[yellow]{self.unfinished} of {total} trial(s) unfinished: the state is saved, rerun the same "
                           f"command to continue[/yellow]")
         if self.failed:
             return 1
         return 130 if self.unfinished else 0
+
+    def hint(self) -> str:
+        """--retry-errored for the failures a retry can fix; a diverged trial diverges again (training is deterministic)."""
+        if self.diverged == self.failed:
+            return (f" ({'all ' if self.failed > 1 else ''}diverged: a retry would diverge again; lower --lr, --alpha or "
+                    f"--beta, with a new --name or --restart)")
+        retry = " (rerun with --retry-errored to continue them from their last checkpoint)"
+        if self.diverged:
+            retry = (f" ({self.diverged} diverged, which a retry would repeat; rerun with --retry-errored to continue the "
+                     f"other {self.failed - self.diverged} from their last checkpoint)")
+        return retry
+
+
+def count_diverged(errors) -> int:
+    """How many of these trial errors are divergences (risda.trainer.DivergedError)."""
+    return int(sum(isinstance(e, str) and ("DivergedError" in e or e.startswith("diverged:")) for e in errors))
 
 
 def best_trial(trials, metric: str = "val_error"):

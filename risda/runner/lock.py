@@ -7,7 +7,8 @@ trainer of the same key waits for the first, then finds the entry done (or conti
 partial checkpoint, if the first died).
 
 - On a local or NFS path the lock is the OS's (fcntl.flock, which Linux maps to POSIX locks
-  on NFS): it dies with its holder, whatever kills it. The file stays; it names the holder.
+  on NFS): it dies with its holder, whatever kills it. The file names the holder; a release
+  removes it (and the empty folders its acquire made), a killed holder leaves it, harmless.
 - On object storage (any other URI) it is a lease file with a heartbeat every HEARTBEAT_S:
   a lease whose heartbeat is older than STALE_HEARTBEATS of them is stale (its holder died)
   and is taken over, with a warning.
@@ -51,25 +52,50 @@ def describe_holder(info: dict | None) -> str:
 
 
 class FileLock:
-    """fcntl.flock on a local or NFS file, held as long as the file stays open."""
+    """fcntl.flock on a local or NFS file, held as long as the file stays open. Released, the file
+    and the folders its acquire created are removed (a refused driver leaves nothing behind); a
+    waiter that got the lock of a file removed meanwhile takes the new one (`_locked_current`)."""
 
     def __init__(self, path: str):
-        self.path, self.fd = Path(path), None
+        self.path, self.fd, self.created = Path(path), None, []
 
     def acquire(self, wait: bool = False) -> dict | None:
         """None when this process now holds it; else (wait=False) the holder's info."""
         import fcntl
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
+        while True:
+            self._make_parent()
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # its folder was just removed by a releasing holder
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                return self.read() or {}
+            if self._locked_current(fd):
+                break
             os.close(fd)
-            return self.read() or {}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder_info()).encode(), 0)
         self.fd = fd
         return None
+
+    def _make_parent(self) -> None:
+        missing = []
+        folder = self.path.parent
+        while not folder.exists():
+            missing.append(folder)
+            folder = folder.parent
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.created = self.created or missing  # deepest first
+
+    def _locked_current(self, fd: int) -> bool:
+        """Whether the file locked is still the one at self.path (not one a holder removed)."""
+        try:
+            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
 
     def read(self) -> dict | None:
         try:
@@ -78,9 +104,18 @@ class FileLock:
             return None
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the file drops the lock; the file stays (unlinking it would race)
-            self.fd = None
+        if self.fd is None:
+            return
+        if self._locked_current(self.fd):
+            self.path.unlink(missing_ok=True)  # while still held: a waiter then retries on a new file
+        os.close(self.fd)  # closing the file drops the lock
+        self.fd = None
+        for folder in self.created:  # only the empty ones this lock made
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self.created = []
 
 
 class Lease:

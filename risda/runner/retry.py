@@ -31,12 +31,14 @@ def max_failures(given: int | None, address: str | None) -> int:
 
 @contextlib.contextmanager
 def reporting_divergence(facts: dict | None = None):
-    """Inside a trial, around the trainer: a DivergedError is reported (DIVERGED_KEY), then raised."""
+    """Inside a trial, around the trainer: a DivergedError is reported (DIVERGED_KEY), then raised,
+    without the trainer's checkpoint path (the trial's scratch folder, removed when it ends)."""
     try:
         yield
     except DivergedError as e:
+        e = e.elsewhere()
         tune.report({DIVERGED_KEY: one_line(e), **(facts or {})})
-        raise
+        raise e from None
 
 
 class NoRetryWhenDiverged(tune.Callback):

@@ -52,17 +52,20 @@ from ..trainer.presets import TABLE2
 from ..trainer.progress import set_log_every
 from ..trainer.stage1 import BOOKKEEPING_FIELDS, STAGE2_FIELDS, shares_stage1
 from ..trainer.storage import read_text, write_text
+from .address import resolve_address
 from .cluster import (add_runner_args, check_writable, cluster_summary, experiment_uri, init_ray, quiet_tune,
                       remove_trial_scratch, restore_or_new_tuner, storage_uri, trial_resources)
 from .collate import RESULTS_INTACT, Outcome, best_trial, collate, write_parquet
 from .datacheck import check_data, checkable
 from .exits import failure_exit
+from .headwatch import watch_head
 from .lock import hold_experiment
 from .progress import RichProgress, driver_console, print_top
+from .results_owner import check_results_owner
 from .retry import NoRetryWhenDiverged, max_failures
 from .search_figures import write_search_figures
 from .trackers import check_trackers, tracker_callbacks
-from .stage1 import Stage1Failed, Stage1Interrupted, describe_stage1, ensure_stage1, stage1_cache_root
+from .stage1 import Stage1Failed, Stage1Interrupted, check_stage1, describe_stage1, ensure_stage1, stage1_cache_root
 from .trainables import STAGE1_CACHE_KEY, absolute_paths, train_trial, trial_dirname
 
 METRIC, MODE = "val_error", "min"
@@ -80,6 +83,7 @@ TRIAL_MANAGED = ("out", "resume", "progress", "threads", "stage1_threads")
 # replays it with them): fp32 rounding on a CPU depends on the thread count, and a shared stage I
 # (risda.runner.stage1) may have had more CPUs than the stage-II trials.
 RAN_WITH = ("torch_threads", "compile", "stage1_torch_threads", "stage1_compile")
+CHANCE_MARGIN = 1.0  # points of validation error: a best trial this close to a guess is flagged (at_chance)
 
 
 # --- the search space --------------------------------------------------------------------------
@@ -213,14 +217,36 @@ def base_config(args) -> Config:
 
 
 def search_space(args, given: dict, cfg: RunConfig, num_classes: int) -> dict[str, str]:
-    """--space, or the default space minus the names a run flag fixed."""
+    """--space, or the default space minus the names a run flag fixed; refused (ConfigError)
+    when that leaves nothing to search (`check_something_to_search`)."""
     if args.space is None:
-        return {k: v for k, v in default_space(cfg, num_classes).items() if k not in given}
+        space = {k: v for k, v in default_space(cfg, num_classes).items() if k not in given}
+        fixed = [k for k in default_space(cfg, num_classes) if k in given]
+        check_something_to_search(space, "--" + ", --".join(f.replace("_", "-") for f in fixed) + " fix")
+        return space
     space = parse_space(args.space)
     clash = sorted(set(space) & set(given))
     if clash:
         raise ConfigError(f"{', '.join('--' + c.replace('_', '-') for c in clash)} fixes what --space searches; drop one of them")
+    check_something_to_search(space, f"--space {args.space!r} gives one value for")
     return space
+
+
+def check_something_to_search(space: dict[str, str], why: str) -> None:
+    """A search whose every parameter is fixed is refused, before anything trains. Its trials
+    would all train the same config with the same seeds (common random numbers): N copies of
+    one run, which Optuna learns nothing from; that one run is `python -m risda.train`."""
+    if any(single_valued(optuna_distribution(k, v)) is False for k, v in space.items()):
+        return
+    raise ConfigError(f"nothing to search: {why} every parameter of the search space, so every trial would train the "
+                      f"same config; leave one to the search (or pass --space, e.g. 'alpha=0.25:1.5'), or train that "
+                      f"one config with `python -m risda.train`")
+
+
+def single_valued(dist) -> bool:
+    if hasattr(dist, "choices"):
+        return len(set(map(repr, dist.choices))) == 1
+    return dist.low == dist.high
 
 
 def default_name(cfg: Config) -> str:
@@ -235,38 +261,69 @@ def default_grace_period(cfg: RunConfig) -> int:
     return first - c.stage1_epochs
 
 
+def optuna_file(spec: str) -> Path | None:
+    """The file of a sqlite URL or a journal, relative to where the command runs; None for a server URL."""
+    if spec.startswith("sqlite:///"):
+        return Path(spec[len("sqlite:///"):]).expanduser().resolve()
+    return None if "://" in spec else Path(spec.removeprefix("journal:")).expanduser().resolve()
+
+
+def check_optuna_storage(spec: str | None):
+    """Before anything trains: an existing study file or a server is opened and read (a corrupt
+    one is one line, ConfigError, exit 2); a file that does not exist yet must be creatable,
+    and nothing is created now (a refused search leaves nothing behind). The opened storage, or None."""
+    if not spec:
+        return None
+    path = optuna_file(spec)
+    if path is not None and not path.exists():
+        check_writable(path.parent, "--optuna-storage")
+        return None
+    return optuna_storage(spec)
+
+
 def optuna_storage(spec: str | None):
-    """None (in memory, saved with Ray's searcher state), an RDB URL, or a journal file."""
+    """None (in memory, saved with Ray's searcher state), an RDB URL, or a journal file, opened
+    (a new file's folder created) and read once."""
     if not spec:
         return None
     import optuna
-    if "://" in spec:
-        if spec.startswith("sqlite:///"):  # relative to where the command runs; the folder may not exist yet
-            db = Path(spec[len("sqlite:///"):]).expanduser().resolve()
-            db.parent.mkdir(parents=True, exist_ok=True)
-            spec = f"sqlite:///{db}"
-        try:
-            return optuna.storages.RDBStorage(spec)
-        except Exception as e:  # SQLAlchemy's errors: bad URL, missing driver, unreachable server
-            raise ConfigError(f"--optuna-storage {spec}: {e}") from None
-    from optuna.storages.journal import JournalFileBackend
-    path = Path(spec.removeprefix("journal:")).expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    path = optuna_file(spec)
+    try:
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        if path is None or spec.startswith("sqlite:///"):
+            storage = optuna.storages.RDBStorage(f"sqlite:///{path}" if path is not None else spec)
+        else:
+            from optuna.storages.journal import JournalFileBackend
+            storage = optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        optuna.get_all_study_summaries(storage)  # reads it: a corrupt file fails here, not after stage I
+        return storage
+    except Exception as e:  # SQLAlchemy's (a corrupt file, bad URL, missing driver, unreachable server), a bad journal
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        where = f" ({path})" if path is not None and str(path) not in spec else ""
+        raise ConfigError(f"--optuna-storage {spec}{where} cannot be read ({type(e).__name__}: {first}); move the file "
+                          f"aside (Optuna cannot read it) or pass another --optuna-storage") from None
+
+
+def check_fresh_study(storage, name: str, continuing: bool, restart: bool) -> None:
+    """A new experiment needs a new study: an existing one of that name is refused unless
+    --restart (which deletes it when the new experiment starts: `fresh_study`); TPE would
+    otherwise learn from trials this experiment never ran."""
+    if storage is None or continuing or restart:
+        return
+    import optuna
+    if name in [s.study_name for s in optuna.get_all_study_summaries(storage)]:
+        raise ConfigError(f"the Optuna storage already holds a study named {name!r} but there is no Ray experiment to "
+                          f"resume; pass --restart to delete the study, or choose another --name")
 
 
 def fresh_study(storage, name: str, restart: bool) -> None:
-    """A new experiment needs a new study: delete the old one with --restart, else refuse
-    (TPE would otherwise learn from trials this experiment never ran)."""
+    """With --restart, delete the study of this name (check_fresh_study refused it otherwise)."""
     if storage is None:
         return
     import optuna
-    if name not in [s.study_name for s in optuna.get_all_study_summaries(storage)]:
-        return
-    if not restart:
-        raise ConfigError(f"the Optuna storage already holds a study named {name!r} but there is no Ray experiment to "
-                          f"resume; pass --restart to delete the study, or choose another --name")
-    optuna.delete_study(study_name=name, storage=storage)
+    if restart and name in [s.study_name for s in optuna.get_all_study_summaries(storage)]:
+        optuna.delete_study(study_name=name, storage=storage)
 
 
 class EvaluatedOptunaSearch(OptunaSearch):
@@ -374,11 +431,23 @@ def stage1_configs(cfg: RunConfig, space: dict, args, console) -> list[Config] |
 
 
 # --- outputs ---------------------------------------------------------------------------------------
-def write_results(grid, out: Path, params: list[str], info: dict, stage1=None, distributions=None) -> tuple:
+def chance_error(num_classes: int) -> float:
+    """The top-1 error of a guess, in percent, on a balanced split (the validation split is)."""
+    return 100 * (1 - 1 / num_classes)
+
+
+def at_chance(value, num_classes: int) -> bool:
+    """A validation error within CHANCE_MARGIN points of a guess's: the trial learned nothing."""
+    return value is not None and value >= chance_error(num_classes) - CHANCE_MARGIN
+
+
+def write_results(grid, out: Path, params: list[str], info: dict, stage1=None, distributions=None,
+                  num_classes: int | None = None) -> tuple:
     """trials.parquet, epochs.parquet, stage1.parquet, the figures of the search over `distributions`
     (risda.runner.search_figures) and best.json in `out`; returns (trials, best row, figures). best.json
     comes only from a trial that ran all its epochs, and says how many did; with none, an earlier
-    best.json is removed rather than left looking current."""
+    best.json is removed rather than left looking current. It says `at_chance` when even the best
+    trial is no better than a guess (num_classes given)."""
     trials, epochs = collate(grid, metric=METRIC, params=params)
     for k in ("search_seed", "experiment"):
         trials[k] = info[k]
@@ -403,7 +472,9 @@ def write_results(grid, out: Path, params: list[str], info: dict, stage1=None, d
         "trial_id": best["trial_id"], **{k: _plain(best[f"final_{k}"]) for k in error_names("test_")},
         "stage1_key": _plain(best.get("stage1_key")), **{k: _plain(summary.get(k)) for k in RAN_WITH},
         "trials_completed": int(len(ok)), "trials_requested": info["num_samples"],
-        "trials_failed": int((trials["status"] == "ERROR").sum()), **info}
+        "trials_failed": int((trials["status"] == "ERROR").sum()), **info,
+        **({"at_chance": at_chance(_plain(best[f"final_{METRIC}"]), num_classes),
+            "chance_error": chance_error(num_classes)} if num_classes else {})}
     tmp = out / "best.json.tmp"
     with writing(best_path, RESULTS_INTACT, tmp):  # a full disk: one line, no .tmp left (risda.trainer.failures)
         tmp.write_text(json.dumps(best_json, indent=2))
@@ -443,22 +514,26 @@ def main(argv=None, trainable=None) -> int:
         run = cfg.resolved()  # the driver's entry: what every trial's config resolves to, but the searched names
         check_trackers(args.tracker)  # a missing extra: one line, before anything starts
         name = args.name or default_name(cfg)
+        args.address = resolve_address(args.address)  # `auto`, a dead head: one line first (risda.runner.address)
         storage = storage_uri(args.storage)
         check_writable(storage, "--storage")
-        held.enter_context(hold_experiment(storage, name))  # first: one driver per experiment (risda.runner.lock)
+        path = experiment_uri(storage, name)
+        out = Path(args.results).expanduser().resolve() / name
+        check_writable(out, "--results")  # creates nothing: a refusal leaves no empty folder
+        continuing = not args.restart and tune.Tuner.can_restore(path)
+        check_results_owner(out, path, new=not continuing, restart=args.restart)  # nothing replaced unasked
+        given = config_overrides(args)
+        search_space(args, given, cfg, NUM_CLASSES.get(cfg.dataset, 100))  # the plan, before the data is read
+        held.enter_context(hold_experiment(storage, name))  # one driver per experiment (risda.runner.lock)
         num_classes = NUM_CLASSES.get(cfg.dataset, 100)
         if checkable(cfg, args.address):  # bad data: one line before Ray starts (risda.runner.datacheck)
             data_info = check_data(run, need_val=f"pass --val-per-class N (e.g. {DEFAULT_VAL_PER_CLASS})")
             num_classes = data_info["num_classes"]
             console.log(f"data: {data_info['train_size']} train / {data_info['val_size']} val / "
                         f"{data_info['test_size']} test images, {num_classes} classes ({data_info['source']})")
-        space = search_space(args, config_overrides(args), run, num_classes)
+        space = search_space(args, given, run, num_classes)
         point = paper_point(cfg.imbalance, space, num_classes) if args.enqueue_paper else None
-        path = experiment_uri(storage, name)
-        out = Path(args.results).expanduser().resolve() / name
-        check_writable(out, "--results")
         params = list(space)
-        continuing = not args.restart and tune.Tuner.can_restore(path)
         if continuing and given_max_failures is None:  # resumed elsewhere (a laptop, a cluster): Tune keeps its retries
             args.max_failures = saved_identity(path).get("max_failures", args.max_failures)
         identity = experiment_identity(cfg, space, args)
@@ -467,18 +542,25 @@ def main(argv=None, trainable=None) -> int:
         shared = stage1_configs(run, space, args, console)
         cache_root = stage1_cache_root(args.stage1_cache, storage) if shared else None
         make_scheduler(args, run)  # a bad --grace-period fails before Ray starts
+        study_storage = check_optuna_storage(args.optuna_storage)  # a corrupt study file: one line, before stage I
+        check_fresh_study(study_storage, name, continuing, args.restart)
+        stage1_plan = None
+        if shared:
+            check_writable(cache_root, "--stage1-cache")
+            stage1_plan = check_stage1(shared, cache_root, say=lambda line: console.log(escape(line)))  # verified
         if not continuing:  # a new experiment: an older best.json is not its result
             (out / "best.json").unlink(missing_ok=True)
         owns_ray = not ray.is_initialized()  # set first: a ray.init interrupted halfway is shut down too
+        held.enter_context(watch_head(args.address, path))  # a lost head: one line, exit 1 (risda.runner.headwatch)
         init_ray(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus, logging_level="warning")
         resources = trial_resources(args.cpus_per_trial, args.gpus_per_trial)
         console.log(f"ray: {cluster_summary()}; per trial {resources}")
         stage1 = None
         if shared:
-            stage1 = ensure_stage1(shared, cache_root, storage, name, resources, args.max_failures)
+            stage1 = ensure_stage1(stage1_plan, cache_root, storage, name, resources, args.max_failures)
             console.log(describe_stage1(stage1))
         train = tune.with_resources(trainable or train_trial, resources)
-        study_storage = optuna_storage(args.optuna_storage)
+        study_storage = study_storage or optuna_storage(args.optuna_storage)  # a new study file: created now
         param_space = {**cfg.to_dict(), **({STAGE1_CACHE_KEY: cache_root} if cache_root else {})}
 
         def new_tuner():
@@ -506,7 +588,7 @@ def main(argv=None, trainable=None) -> int:
         grid = remove_trial_scratch(tuner.fit())  # what killed trials left in the temp folder
         trials, best, figures = write_results(grid, out, params, dict(search_seed=args.search_seed, experiment=path, name=name,
                                                                       num_samples=args.num_samples), stage1,
-                                              {k: optuna_distribution(k, v) for k, v in space.items()})
+                                              {k: optuna_distribution(k, v) for k, v in space.items()}, num_classes)
     except Stage1Interrupted as e:
         console.print(f"[yellow]interrupted:[/yellow] {e}")
         return 130
@@ -527,6 +609,11 @@ def main(argv=None, trainable=None) -> int:
         shown = ", ".join(f"{p}={v:.4g}" if isinstance(v, float) else f"{p}={v}" for p, v in ((p, _plain(best[p])) for p in params))
         console.print(f"best of {outcome.done} finished trial(s): {shown}  {METRIC} {best[f'final_{METRIC}']:.2f}  "
                       f"test {best['final_test_error']:.2f}  -> {out / 'best.json'}")
+        if at_chance(_plain(best[f"final_{METRIC}"]), num_classes):
+            console.print(f"[yellow]warning:[/yellow] even the best trial is at chance level ({METRIC} "
+                          f"{best[f'final_{METRIC}']:.2f}; a guess among {num_classes} classes gets "
+                          f"{chance_error(num_classes):.1f}): no trial learned anything, so best.json (marked at_chance) "
+                          f"is no tuned setting; give the trials more epochs or data, or check --lr", soft_wrap=True)
     else:
         console.print("[red]no trial ran all its epochs: no best.json[/red]")
     console.print(f"wrote {out}/trials.parquet, epochs.parquet{', stage1.parquet' if stage1 is not None else ''}"

@@ -1,6 +1,7 @@
 """The runner's side of the shared stage I (risda.trainer.stage1 holds the key and the cache): before
-the stage-II trials of a search or an ablation, every distinct stage I they need and the
-cache lacks is trained, as one Ray Tune experiment of its own (`ensure_stage1`).
+Ray starts, every distinct stage I that the stage-II trials of a search or an ablation need is
+looked up in the cache and its entry verified, an unusable one moved aside (`check_stage1`);
+then every one the cache lacks is trained, as one Ray Tune experiment of its own (`ensure_stage1`).
 """
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from ray import tune
 
 from ..trainer.config import Config, RunConfig
 from ..trainer.stage1 import Stage1Cache, needs_observations, shares_stage1, stage1_key, stage1_training_config
+from ..trainer.stage1_verify import EntryFault, read_info
 from ..trainer.storage import delete_dir
 from .cluster import experiment_uri, remove_trial_scratch
 from .collate import error_message
 from .progress import RichProgress
 from .retry import NoRetryWhenDiverged
+from .stage1_entries import inspect_entry
 from .trainables import STAGE1_CACHE_KEY, train_stage1_trial, trial_dirname
 
 
@@ -31,8 +34,11 @@ class Stage1Interrupted(Stage1Failed):
 def describe_stage1(table) -> str:
     reused, trained = table[~table.trained_now], table[table.trained_now]
     wall = trained.wall_time_s.sum() if len(trained) else 0.0
-    return (f"stage I: {len(table)} distinct, {len(reused)} reused from the cache, {len(trained)} trained now "
-            f"({wall:.0f} s of training); stage II forks from them")
+    again = {k: int((table.cache == k).sum()) for k in ("retrained", "replaced")}
+    why = "; ".join(f"{n} {what}" for n, what in ((again["retrained"], "in place of an unusable entry, moved aside"),
+                                                    (again["replaced"], "again with the reference observations")) if n)
+    return (f"stage I: {len(table)} distinct, {len(reused)} reused from the cache (verified), {len(trained)} trained now "
+            f"{'(' + why + ') ' if why else ''}({wall:.0f} s of training); stage II forks from them")
 
 
 def plan_stage1(configs: list[Config]) -> dict[str, tuple[Config, bool]]:
@@ -60,21 +66,41 @@ def largest_node_cpus() -> float:
     return max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
 
 
-def ensure_stage1(configs: list[Config], cache_root: str, storage_root: str, name: str, resources: dict,
-                  max_failures: int = 0, progress: bool = True):
-    """Train every distinct stage I that `configs` need and the cache lacks, as one Tune
-    experiment `<name>-stage1` (a grid over the missing keys, one trial each, spread over a
-    cluster, each with a stage-II trial's resources or its share of a node's CPUs: stage1_resources). Returns a DataFrame with
-    one row per key: reused or trained now, its wall time, status and error. Raises
-    Stage1Failed if any is still missing afterwards."""
+def check_stage1(configs: list[Config], cache_root: str, say=print) -> dict[str, dict]:
+    """Before Ray starts: every distinct stage I that `configs` need (plan_stage1), its cache entry
+    verified (risda.trainer.stage1_verify). {key: {config, observations, cache, note, info}}, cache one of
+    verified (reused as it is), missing (trained), retrain (an unusable entry: `say` is told in one
+    line what is wrong with it; it is moved aside, never deleted, and trained again) or replace (it
+    lacks the reference observations a consumer needs: trained again with them)."""
     cache = Stage1Cache(cache_root)
-    plan = plan_stage1(configs)
-    missing = {k: v for k, v in plan.items() if cache.lookup(v[0], v[1]) is None}
+    plan = {}
+    for key, (cfg, observations) in plan_stage1(configs).items():
+        state, info, note = inspect_entry(cache, cfg, observations)
+        if note:
+            say(note)
+        plan[key] = dict(config=cfg, observations=observations, cache=state, note=note, info=info)
+    return plan
+
+
+CACHE_STATES = {"verified": "verified", "missing": "trained", "retrain": "retrained", "replace": "replaced"}
+
+
+def ensure_stage1(plan: dict[str, dict], cache_root: str, storage_root: str, name: str, resources: dict,
+                  max_failures: int = 0, progress: bool = True):
+    """Train every stage I of `plan` (check_stage1) that is not verified in the cache, as one Tune
+    experiment `<name>-stage1` (a grid over those keys, one trial each, spread over a cluster,
+    each with a stage-II trial's resources or its share of a node's CPUs: stage1_resources).
+    Returns a DataFrame with one row per key: `cache` verified, trained, retrained or replaced
+    (`cache_note` says why), its wall time, status and error. Raises Stage1Failed if any is
+    still missing afterwards."""
+    cache = Stage1Cache(cache_root)
+    missing = {k: p for k, p in plan.items() if p["cache"] != "verified"}
     errors = {}
     if missing:
         # A new experiment every time: what makes a stage I resumable is its partial checkpoint
         # in the cache, which survives a changed set of missing keys, where Tune's restore does not.
-        jobs = [{"config": cfg.to_dict(), "observations": obs, STAGE1_CACHE_KEY: cache.root} for cfg, obs in missing.values()]
+        jobs = [{"config": p["config"].to_dict(), "observations": p["observations"], STAGE1_CACHE_KEY: cache.root}
+                for p in missing.values()]
         delete_dir(experiment_uri(storage_root, f"{name}-stage1"))
         tuner = tune.Tuner(
             tune.with_resources(train_stage1_trial, stage1_resources(resources, len(jobs), largest_node_cpus())),
@@ -89,16 +115,8 @@ def ensure_stage1(configs: list[Config], cache_root: str, storage_root: str, nam
                 # A trial that failed before its first report has no metrics: the key comes from its job.
                 job = (result.config or {}).get("job", {})
                 errors[stage1_key(RunConfig.from_dict(job["config"]))] = error_message(result.error)
-    rows = []
-    for key, (cfg, obs) in plan.items():
-        info = cache.lookup(cfg, obs)
-        rows.append(dict(stage1_key=key, status="ok" if info else "failed", trained_now=key in missing,
-                         observations=obs, epochs=cfg.stage1_epochs,
-                         wall_time_s=(info or {}).get("wall_time_s"), torch_threads=(info or {}).get("torch_threads"),
-                         compile=(info or {}).get("compile"), error=None if info else errors.get(key, "missing"),
-                         entry=cache.entry(key)))
-    table = pd.DataFrame(rows, columns=["stage1_key", "status", "trained_now", "observations", "epochs", "wall_time_s",
-                                        "torch_threads", "compile", "error", "entry"])
+    table = pd.DataFrame([stage1_row(cache, key, p, key in missing, errors) for key, p in plan.items()],
+                         columns=STAGE1_COLUMNS)
     failed = table[table.status != "ok"]
     if len(failed) and not errors:
         raise Stage1Interrupted(f"{len(failed)} of {len(table)} shared stage I(s) unfinished; their progress is in "
@@ -108,6 +126,30 @@ def ensure_stage1(configs: list[Config], cache_root: str, storage_root: str, nam
                            + "; ".join(f"{r.stage1_key}: {r.error}" for r in failed.itertuples())
                            + "); fix the cause and rerun the same command (finished ones are kept)")
     return table
+
+
+STAGE1_COLUMNS = ["stage1_key", "status", "cache", "trained_now", "observations", "epochs", "wall_time_s", "torch_threads",
+                  "compile", "error", "cache_note", "entry"]
+
+
+def stage1_row(cache: Stage1Cache, key: str, planned: dict, trained_now: bool, errors: dict) -> dict:
+    """One row of stage1.parquet. A stage I trained now is read back from its stage1.json (its own
+    digest checked; the trials verify the checkpoint they copy)."""
+    info, error = planned["info"], None
+    if trained_now:
+        try:
+            info = read_info(cache.entry(key), key)
+        except EntryFault as e:
+            info, error = None, str(e)
+        if info is not None and planned["observations"] and not info.get("observations"):
+            info = None
+    notes = [n for n in (planned["note"], *((info or {}).get("notes") or [])) if n]
+    return dict(stage1_key=key, status="ok" if info else "failed", cache=CACHE_STATES[planned["cache"]],
+                trained_now=trained_now, observations=planned["observations"],
+                epochs=planned["config"].resolved().stage1_epochs, wall_time_s=(info or {}).get("wall_time_s"),
+                torch_threads=(info or {}).get("torch_threads"), compile=(info or {}).get("compile"),
+                error=None if info else (error or errors.get(key, "missing")), cache_note="; ".join(notes) or None,
+                entry=cache.entry(key))
 
 
 def stage1_cache_root(option: str | None, storage_root: str) -> str:

@@ -22,12 +22,14 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from ..trainer import storage
 from ..trainer.config import Config, RunConfig
-from ..trainer.stage1 import Stage1Cache, needs_observations, shares_stage1, stage1_key
+from ..trainer.failures import RunFailure
+from ..trainer.stage1 import Stage1Cache, shares_stage1, stage1_key
+from ..trainer.stage1_verify import EntryFault
 from ..trainer.loop import device_name, pick_device, train
 from .lock import hold_key
 from .retry import reporting_divergence
+from .stage1_entries import verified_or_set_aside
 
 CHECKPOINT_FILE = "checkpoint.pt"  # the trainer's file; Tune checkpoints hold just this one
 SCRATCH_PREFIX = "risda-trial-"  # a trial's scratch folder: <temp dir>/risda-trial-<trial_id>-<random>
@@ -54,13 +56,9 @@ def train_trial(config: dict) -> None:
         cfg = trial_config(config, out)
         facts = trial_facts(cfg)
         resume_from = restore_trial_checkpoint(out)
-        stage1_from = None
+        stage1_from = stage1_name = None
         if resume_from is None and cache_root and shares_stage1(cfg):
-            cache = Stage1Cache(cache_root)
-            if cache.lookup(cfg, needs_observations(cfg)) is None:
-                raise RuntimeError(f"stage I {stage1_key(cfg)} is not in the cache {cache_root}: the runner trains "
-                                   f"every stage I before the stage-II trials; rerun the same command")
-            stage1_from = cache.fetch(cfg, out / "stage1.pt")
+            stage1_from, stage1_name = fetch_stage1(Stage1Cache(cache_root), cfg, out / "stage1.pt")
         if cache_root and shares_stage1(cfg):
             facts["stage1_key"] = stage1_key(cfg)
         final = {}
@@ -76,7 +74,7 @@ def train_trial(config: dict) -> None:
 
         with reporting_divergence(facts):  # a diverged trial is not retried (risda.runner.retry)
             summary = train(cfg, on_epoch=on_epoch, resume_from=resume_from, stage1_from=stage1_from,
-                            data=trial_data(cfg))
+                            stage1_name=stage1_name, data=trial_data(cfg))
         # scalars as they are; the graph diagnostics' neighbour lists and a derived arm's summary as JSON
         scalars = {f"summary_{k}": json.dumps(v) if isinstance(v, (dict, list)) and k in JSON_SUMMARY else v
                    for k, v in summary.items() if isinstance(v, (int, float, str)) or v is None or k in JSON_SUMMARY}
@@ -88,9 +86,10 @@ def train_stage1_trial(config: dict) -> None:
     """Ray Tune function trainable: the shared stage I of one stage-I key (risda.trainer.stage1).
 
     config: {"job": {"config": <Config dict>, "observations": bool, "stage1_cache": root}}.
-    Reports every epoch; keeps its resumable checkpoint in the cache (<key>/partial.pt), so a
-    rerun, a retry or another experiment over the same stage I continues it; stores the
-    finished stage I in the cache and reports its key. It holds the key's lock meanwhile
+    Reports every epoch; keeps its resumable checkpoint in the cache (<key>/partial.pt, with its
+    sha256 in partial.json), so a rerun, a retry or another experiment over the same stage I
+    continues it (an unusable one is moved aside and stage I starts over); stores the finished
+    stage I in the cache and reports its key. An unusable entry found here is moved aside too. It holds the key's lock meanwhile
     (<cache>/<key>.lock, risda.runner.lock): a second trainer of the same key waits for it."""
     job = config["job"]
     cfg_dict, observations, cache = job["config"], bool(job["observations"]), Stage1Cache(job[STAGE1_CACHE_KEY])
@@ -101,28 +100,40 @@ def train_stage1_trial(config: dict) -> None:
         # One trainer per key: another experiment training the same stage I now is waited for, and
         # its entry is then found below (or, if it died, its partial checkpoint continued).
         with hold_key(f"{cache.entry(key)}.lock"):
-            if cache.lookup(cfg, observations) is not None:
+            info, note = verified_or_set_aside(cache, cfg, observations)
+            if info is not None:
                 tune.report({"epochs_done": cfg.stage1_epochs, "cached": True, **facts})
                 return
-            partial = cache.partial(cfg)
-            resume_from = storage.download(partial, out / "checkpoint.pt") if storage.exists(partial) else None
+            resume_from, partial_note = cache.fetch_partial(cfg, out / "checkpoint.pt")
 
             def on_epoch(record: dict, checkpoint: Path | None) -> None:
                 if checkpoint is not None:
-                    storage.upload(checkpoint, partial)
+                    cache.store_partial(cfg, checkpoint)
                 tune.report({**record, "epochs_done": record["epoch"] + 1, "cached": False, **facts})
 
             with reporting_divergence(facts):  # a diverged stage I is not retried (risda.runner.retry)
                 done = train(cfg, on_epoch=on_epoch, resume_from=resume_from, stage1_only=True,
                              observe_reference=observations, data=trial_data(cfg))
             # How it ran (threads, compile) is also in the checkpoint, whence every fork's summary has it.
+            notes = [n for n in (note, partial_note) if n]
             cache.store(cfg, Path(done["checkpoint"]), {"observations": observations, "wall_time_s": done["wall_time_s"],
                                                         "precision": done["precision"], "device": facts["device"],
                                                         "torch_threads": done.get("stage1_torch_threads"),
                                                         "compile": done.get("stage1_compile"),
                                                         "epochs": cfg.stage1_epochs, "train_size": done["train_size"],
-                                                        "trial_id": tune.get_context().get_trial_id()})
-            storage.delete_file(partial)
+                                                        "trial_id": tune.get_context().get_trial_id(),
+                                                        **({"notes": notes} if notes else {})})
+            cache.delete_partial(cfg)
+
+
+def fetch_stage1(cache: Stage1Cache, cfg: RunConfig, dest: Path) -> tuple[Path, str]:
+    """(a verified local copy of cfg's cached stage I, the entry's file it was copied from):
+    a bad entry is one line naming the entry, never the copy."""
+    try:
+        return cache.fetch(cfg, dest), f"{cache.entry(stage1_key(cfg))}/{CHECKPOINT_FILE}"
+    except EntryFault as e:
+        raise RunFailure(f"{e}; rerun the same command: the driver verifies every entry before the trials, moves a "
+                         f"bad one aside and trains it again") from None
 
 
 def report(metrics: dict, checkpoint: Path | None) -> None:

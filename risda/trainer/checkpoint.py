@@ -35,22 +35,24 @@ def intact_checkpoint(path: Path) -> str:
             f"(risda.train: with --resume)")
 
 
-def read_checkpoint(path: Path, mmap: bool = False) -> dict:
-    """torch.load of a run's checkpoint; ConfigError naming the file and the fix when it is
-    missing, truncated, corrupt or not a risda checkpoint. mmap=True reads only its index
-    and the small entries (a cheap check before the data is loaded)."""
-    fix = "delete it to start the run over, or drop --resume and pass a new --out"
+def read_checkpoint(path: Path, mmap: bool = False, flag: str = "--resume", name: str | None = None,
+                    fix: str = "delete it to start the run over, or drop --resume and pass a new --out") -> dict:
+    """torch.load of a run's checkpoint; ConfigError naming the file (as `name`, if given: what a
+    user knows it as, not a temporary copy), the flag that reads it and the fix, when it is
+    missing, truncated, corrupt or not a risda checkpoint. mmap=True reads only its index and
+    the small entries (a cheap check before the data is loaded)."""
+    shown = name or path
     if not Path(path).is_file():
-        raise ConfigError(f"--resume: no checkpoint at {path}; drop --resume to start a new run")
+        raise ConfigError(f"{flag}: no checkpoint at {shown}; drop {flag} to start a new run")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises RuntimeError, EOFError, KeyError, UnpicklingError, ... here
         why = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]  # torch's first sentence
-        raise ConfigError(f"--resume: {path} is not a readable checkpoint (truncated or corrupt: "
+        raise ConfigError(f"{flag}: {shown} is not a readable checkpoint (truncated or corrupt: "
                           f"{type(e).__name__}{': ' + why if why else ''}); {fix}") from e
     missing = CHECKPOINT_KEYS - set(state) if isinstance(state, dict) else CHECKPOINT_KEYS
     if missing or not isinstance(state["config"], dict):
-        raise ConfigError(f"--resume: {path} is not a checkpoint of risda.train (it lacks {', '.join(sorted(missing)) or 'a config'}); {fix}")
+        raise ConfigError(f"{flag}: {shown} is not a checkpoint of risda.train (it lacks {', '.join(sorted(missing)) or 'a config'}); {fix}")
     return state
 
 
@@ -73,10 +75,12 @@ def load_checkpoint(path: Path, cfg: RunConfig, mmap: bool = False) -> dict:
     return state
 
 
-def load_stage1_checkpoint(path: Path, cfg: RunConfig) -> dict:
-    """A shared stage-I checkpoint (risda.trainer.stage1) for cfg: its stage-I fields must be cfg's."""
+def load_stage1_checkpoint(path: Path, cfg: RunConfig, name: str | None = None) -> dict:
+    """A shared stage-I checkpoint (risda.trainer.stage1) for cfg: its stage-I fields must be cfg's.
+    `name`: what to call it in a message (a cache entry's file, where `path` is a copy of it)."""
     from .stage1 import stage1_fields
-    state = read_checkpoint(path)
+    state = read_checkpoint(path, flag="--stage1-from", name=name, fix="train it again (--stage1-only)")
+    path = name or path
     saved, now = stage1_fields(RunConfig.from_dict(state["config"])), stage1_fields(cfg)
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:

@@ -59,6 +59,27 @@ def replay_fields(path) -> tuple[dict, str | None]:
                     f"them): the replay may differ from its numbers in the last digits")
 
 
+# What a run writes into --out (risda.trainer.loop): a folder that holds any of them holds a run.
+RUN_FILES = ("checkpoint.pt", "summary.json", "epochs.parquet", "graph.parquet", "graph.png")
+
+
+def check_out(cfg: Config, overwrite: bool) -> list[Path]:
+    """A run never replaces another unasked: --out that holds a finished or partial run needs
+    --resume (continue it), a new --out, or --overwrite (replace it on purpose). Returns the
+    old run's files that --overwrite will remove."""
+    out = Path(cfg.out).expanduser().resolve()
+    found = [out / f for f in RUN_FILES if (out / f).is_file()]
+    if overwrite and cfg.resume:
+        raise ConfigError("--overwrite replaces the run in --out and --resume continues it: pass one of them")
+    if not found or cfg.resume or overwrite:
+        return found if overwrite else []
+    what = ("a finished run (summary.json)" if (out / "summary.json").is_file() else
+            "a partial run (checkpoint.pt)" if (out / "checkpoint.pt").is_file() else
+            f"run output ({', '.join(p.name for p in found)})")
+    raise ConfigError(f"--out {out} already holds {what}: pass --resume to continue it, a new --out, or --overwrite "
+                      f"to replace it")
+
+
 def preflight(cfg: RunConfig) -> None:
     """The cheap checks that need more than the config, before any data is read: the device
     exists and, with --resume, the checkpoint is readable and was written by these flags."""
@@ -84,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replay a recorded run: a search's best.json or a run's summary.json (its config, threads "
                              "per stage and compile decision; typed flags override them; --out defaults to "
                              "<the file's folder>/replay)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run that --out already holds (its checkpoint, summary and epochs are deleted "
+                             "first); without it such an --out is refused: --resume continues it")
     parser.add_argument("--debug", action="store_true", help="on bad input or a runtime failure (divergence, storage fault, failed download), show the Python traceback instead of the one-line error")
     parser.add_argument("--log-every", type=seconds_flag, default=None, metavar="SECONDS",
                         help="plain progress lines instead of the bar (also with --no-progress): a line per epoch and, "
@@ -103,6 +127,7 @@ def main(argv=None) -> int:
     set_log_every(args.log_every)
     try:
         cfg = run_config(args)
+        replaced = check_out(cfg, args.overwrite)
         preflight(cfg)
         from .stage1 import shares_stage1
         from .loop import train
@@ -110,12 +135,14 @@ def main(argv=None) -> int:
             raise ConfigError(f"--arm {cfg.arm} with --stage1-epochs {cfg.stage1_epochs} has no shared stage I "
                               "(isda trains its augmentation from epoch 0); drop --stage1-only / --stage1-from")
         if args.stage1_only:
+            remove(replaced)
             done = train(cfg, stage1_only=True, observe_reference=cfg.variant == "reference")
             print(f"stage I {done['stage1_key']}: {len(done['history'])} epochs -> {done['checkpoint']}")
             return 0
         stage1_from = Path(args.stage1_from) if args.stage1_from else None
         if stage1_from is not None and not stage1_from.is_file():
             raise ConfigError(f"--stage1-from {stage1_from}: no such file; train it with --stage1-only first")
+        remove(replaced)
         summary = train(cfg, stage1_from=stage1_from)
     except INPUT_ERRORS as e:
         if args.debug:
@@ -130,6 +157,16 @@ def main(argv=None) -> int:
         return 1
     print(result_line(summary, cfg.out))
     return 0
+
+
+def remove(files: list[Path]) -> None:
+    """--overwrite: the old run's files go before the new run starts, so that a new run that
+    fails never leaves the old summary looking like its result."""
+    for path in files:
+        path.unlink(missing_ok=True)
+    if files:
+        print(f"--overwrite: removed the earlier run's {', '.join(p.name for p in files)} from {files[0].parent}",
+              file=sys.stderr)
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:

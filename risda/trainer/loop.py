@@ -41,7 +41,19 @@ PROGRESS_EVERY = 20    # steps between the progress bar's loss readings (each on
 
 
 class DivergedError(RunFailure):
-    """The training loss stopped being finite, or exploded."""
+    """The training loss stopped being finite, or exploded. `checkpoint`: the run's last good
+    checkpoint, named in the message only where it outlives the run (`elsewhere()` drops it:
+    a Ray trial's scratch folder is removed when the trial ends)."""
+
+    def __init__(self, reason: str, hint: str = "", checkpoint: str | None = None):
+        super().__init__(reason, hint, checkpoint)
+        self.reason, self.hint, self.checkpoint = reason, hint, checkpoint
+
+    def __str__(self) -> str:
+        return self.reason + (f". The last good checkpoint is {self.checkpoint}" if self.checkpoint else "") + self.hint
+
+    def elsewhere(self) -> "DivergedError":
+        return DivergedError(self.reason, self.hint)
 
 
 def pick_device(name: str) -> torch.device:
@@ -147,10 +159,12 @@ def check_diverged(loss_sum: torch.Tensor, seen: int, cfg: RunConfig, epoch: int
     if math.isfinite(loss) and loss < DIVERGED_LOSS:
         return
     what = "became " + str(loss) if not math.isfinite(loss) else f"exploded to {loss:.3g} (> {DIVERGED_LOSS:g})"
+    checkpoint = out / "checkpoint.pt"
     raise DivergedError(
         f"diverged: the mean training loss {what} at epoch {epoch} (lr {lr:g}, arm {cfg.arm}, alpha {cfg.alpha}, "
-        f"beta {cfg.beta}); lower --lr, --alpha or --beta. The last good checkpoint, if any, is {out / 'checkpoint.pt'}"
-        + divergence_hint(cfg.variant, cfg.stage1_epochs, cfg.epochs, epoch))
+        f"beta {cfg.beta}); lower --lr, --alpha or --beta",
+        divergence_hint(cfg.variant, cfg.stage1_epochs, cfg.epochs, epoch),
+        str(checkpoint) if checkpoint.is_file() else None)
 
 
 def epoch_threads(cfg: RunConfig, epoch: int, threads: int) -> int:
@@ -172,26 +186,27 @@ def record_stage1(info: dict, epoch: int, **ran) -> None:
 
 def train(cfg: Config, on_epoch: EpochCallback | None = None, resume_from: Path | None = None,
           data: LongTailData | None = None, stage1_from: Path | None = None,
-          stage1_only: bool = False, observe_reference: bool = False) -> dict:
+          stage1_only: bool = False, observe_reference: bool = False, stage1_name: str | None = None) -> dict:
     """Train one run; writes <out>/summary.json, <out>/epochs.parquet, <out>/checkpoint.pt.
 
     stage1_only: train stage I alone and stop; the last checkpoint is then the stage-I
     checkpoint that risda.trainer.stage1 shares (CE, plus the reference variant's observations if
-    observe_reference). stage1_from: fork stage II from such a checkpoint (same stage-I key).
+    observe_reference). stage1_from: fork stage II from such a checkpoint (same stage-I key);
+    stage1_name: what it is called in messages and the summary (the cache entry it was copied from).
 
     Runs on cfg.threads torch threads (cfg.stage1_threads in stage I; None: the count torch has)
     and puts torch's count back at the end; the summary records them (torch_threads,
     stage1_torch_threads) with the compile decision (compile, stage1_compile)."""
     threads_before = torch.get_num_threads()
     try:
-        return _train(cfg, on_epoch, resume_from, data, stage1_from, stage1_only, observe_reference)
+        return _train(cfg, on_epoch, resume_from, data, stage1_from, stage1_only, observe_reference, stage1_name)
     finally:
         if torch.get_num_threads() != threads_before:
             torch.set_num_threads(threads_before)
 
 
 def _train(cfg: Config, on_epoch: EpochCallback | None, resume_from: Path | None, data: LongTailData | None,
-           stage1_from: Path | None, stage1_only: bool, observe_reference: bool) -> dict:
+           stage1_from: Path | None, stage1_only: bool, observe_reference: bool, stage1_name: str | None = None) -> dict:
     cfg = cfg.validate().resolved()  # the trainer's entry: everything below takes this RunConfig
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -226,7 +241,7 @@ def _train(cfg: Config, on_epoch: EpochCallback | None, resume_from: Path | None
         state = load_checkpoint(resume_from, cfg)
         objective.load_state_dict(state["objective"])
     elif stage1_from is not None:
-        state = load_stage1_checkpoint(stage1_from, cfg)
+        state = load_stage1_checkpoint(stage1_from, cfg, name=stage1_name)
         objective.load_stage1(state["objective"])
     if resume_from is not None or stage1_from is not None:
         model.load_state_dict(state["model"])
@@ -235,7 +250,8 @@ def _train(cfg: Config, on_epoch: EpochCallback | None, resume_from: Path | None
         stage1_info = state.get("stage1_info", {})
     if stage1_from is not None:  # stage-II time starts now; stage I's is reported beside it, with how it ran
         ran = {k: v for k, v in state.get("stage1_info", {}).items() if k in ("stage1_torch_threads", "stage1_compile")}
-        stage1_info = dict(stage1_key=stage1_key(cfg), stage1_wall_time_s=elapsed, stage1_checkpoint=str(stage1_from), **ran)
+        stage1_info = dict(stage1_key=stage1_key(cfg), stage1_wall_time_s=elapsed, stage1_checkpoint=stage1_name or str(stage1_from),
+                           **ran)
         elapsed = 0.0
     last_epoch = cfg.stage1_epochs if stage1_only else cfg.epochs
     steps = math.ceil(len(data.train) / cfg.batch_size) * (last_epoch - start_epoch)

@@ -13,7 +13,9 @@ shared stage I records them whenever any consumer is a reference run, and one st
 both variants.
 
 The cache, on local or shared storage (risda.trainer.storage): <root>/<key>/checkpoint.pt and
-<root>/<key>/stage1.json, the JSON written last, so an entry exists once both are whole.
+<root>/<key>/stage1.json, the JSON written last, so an entry exists once both are whole. The
+JSON records the checkpoint's size and sha256 and its own sha256, and every entry is verified
+before it is used (risda.trainer.stage1_verify).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from . import stage1_verify as verify
 from . import storage
 from .arms import ARM_FIELDS, ARMS
 from .config import Config, RunConfig, require_resolved
@@ -38,7 +41,7 @@ STAGE2_FIELDS = frozenset({"arm", "variant", "alpha", "beta", "head_count", "hea
 # the same stage I. What a stage I ran with is recorded instead (stage1_torch_threads, stage1_compile).
 BOOKKEEPING_FIELDS = frozenset({"preset", "out", "resume", "progress", "eval_every", "checkpoint_every", "device",
                                 "num_workers", "cache_dir", "download", "compile", "threads", "stage1_threads"})
-CHECKPOINT, INFO = "checkpoint.pt", "stage1.json"
+CHECKPOINT, INFO = verify.CHECKPOINT, verify.INFO
 
 
 def shares_stage1(cfg: RunConfig) -> bool:
@@ -85,33 +88,97 @@ def needs_observations(cfg: RunConfig) -> bool:
 
 
 class Stage1Cache:
+    """<root>/<key>/ per stage I, on a local path or any pyarrow URI; every entry is verified
+    before it is used (risda.trainer.stage1_verify: a bad one is an EntryFault naming it)."""
+
     def __init__(self, root: str):
         self.root = root.rstrip("/") if "://" in root else str(Path(root).expanduser().resolve())
 
     def entry(self, key: str) -> str:
         return f"{self.root}/{key}"
 
-    def lookup(self, cfg: Config, observations: bool = False) -> dict | None:
-        """The entry's stage1.json if a usable stage I is cached for cfg, else None."""
-        text = storage.read_text(f"{self.entry(stage1_key(cfg))}/{INFO}")
-        if text is None:
+    def verify(self, cfg: Config) -> dict | None:
+        """The entry's stage1.json if cfg's stage I is cached and whole (its checkpoint read in
+        full and matched to the recorded sha256), None if nothing is cached. EntryFault if the
+        entry is there but missing a part, truncated, unreadable or changed; LegacyEntry if it
+        was written before the digests (the runner checks it in full, then `seal`s it)."""
+        key = stage1_key(cfg)
+        info = verify.read_info(self.entry(key), key)
+        if info is None:
             return None
-        info = json.loads(text)
-        if observations and not info.get("observations"):
+        if verify.DIGEST not in info:
+            raise verify.LegacyEntry(self.entry(key))
+        verify.check_file(self.entry(key), info, f"{self.entry(key)}/{CHECKPOINT}")
+        return info
+
+    def seal(self, cfg: Config, info: dict, checkpoint: Path) -> dict:
+        """Record a legacy entry's digests (`checkpoint`: a local copy of its checkpoint, checked in full)."""
+        info = {**info, **verify.checkpoint_record(checkpoint)}
+        storage.write_text(f"{self.entry(stage1_key(cfg))}/{INFO}", verify.seal(info))
+        return info
+
+    def lookup(self, cfg: Config, observations: bool = False) -> dict | None:
+        """verify(cfg), None also when it lacks the reference observations a consumer needs
+        (the runner's risda.runner.stage1_entries also adopts a legacy entry)."""
+        info = self.verify(cfg)
+        if info is not None and observations and not info.get("observations"):
             return None  # trained without the reference observations: retrain (same weights) with them
         return info
 
     def store(self, cfg: Config, checkpoint: Path, info: dict) -> dict:
         key = stage1_key(cfg)
-        info = {"key": key, "format": STAGE1_FORMAT, "fields": stage1_fields(cfg), **info}
+        info = {"key": key, "format": STAGE1_FORMAT, "fields": stage1_fields(cfg), **info,
+                **verify.checkpoint_record(checkpoint)}
         storage.upload(checkpoint, f"{self.entry(key)}/{CHECKPOINT}")
-        storage.write_text(f"{self.entry(key)}/{INFO}", json.dumps(info, indent=1))  # last: the commit
+        storage.write_text(f"{self.entry(key)}/{INFO}", verify.seal(info))  # last: the commit
         return info
 
-    def partial(self, cfg: Config) -> str:
-        """Where a stage I in training keeps its resumable checkpoint."""
-        return f"{self.entry(stage1_key(cfg))}/partial.pt"
+    def set_aside(self, cfg: Config) -> str:
+        """Move an unusable entry aside (never deleted): where it went."""
+        return verify.set_aside(self.entry(stage1_key(cfg)))
 
     def fetch(self, cfg: Config, dest: Path) -> Path:
-        """The cached stage-I checkpoint, copied to a local file."""
-        return storage.download(f"{self.entry(stage1_key(cfg))}/{CHECKPOINT}", Path(dest))
+        """The cached stage-I checkpoint, copied to a local file and checked against its
+        recorded sha256 (EntryFault naming the entry, not the copy)."""
+        key = stage1_key(cfg)
+        info = verify.read_info(self.entry(key), key)
+        if info is None:
+            raise verify.EntryFault(f"stage-I cache entry {self.entry(key)} is not there")
+        if verify.DIGEST not in info:
+            raise verify.EntryFault(f"stage-I cache entry {self.entry(key)} was written before the cache recorded digests "
+                                    f"and is not sealed yet")
+        local = storage.download(f"{self.entry(key)}/{CHECKPOINT}", Path(dest))
+        verify.check_file(self.entry(key), info, str(local), copy=True)
+        return local
+
+    # --- a stage I in training: its resumable checkpoint --------------------------------------
+    def partial(self, cfg: Config) -> str:
+        """Where a stage I in training keeps its resumable checkpoint."""
+        return f"{self.entry(stage1_key(cfg))}/{verify.PARTIAL[0]}"
+
+    def store_partial(self, cfg: Config, checkpoint: Path) -> None:
+        key = stage1_key(cfg)
+        storage.upload(checkpoint, f"{self.entry(key)}/{verify.PARTIAL[0]}")
+        storage.write_text(f"{self.entry(key)}/{verify.PARTIAL[1]}",
+                           verify.seal({"key": key, **verify.checkpoint_record(checkpoint)}))
+
+    def fetch_partial(self, cfg: Config, dest: Path) -> tuple[Path | None, str | None]:
+        """(the resumable checkpoint copied to `dest`, None) if there is a whole one; (None, what
+        was wrong with it and where it was moved) if it was unusable; (None, None) if there is none."""
+        key, entry = stage1_key(cfg), self.entry(stage1_key(cfg))
+        try:
+            info = verify.read_info(entry, key, verify.PARTIAL)
+            if info is None:
+                return None, None
+            if verify.DIGEST not in info:
+                raise verify.EntryFault(f"stage-I cache entry {entry}: {verify.PARTIAL[1]} has no sha256")
+            local = storage.download(f"{entry}/{verify.PARTIAL[0]}", Path(dest))
+            verify.check_file(entry, info, str(local), verify.PARTIAL, copy=True)
+            return local, None
+        except verify.EntryFault as e:
+            Path(dest).unlink(missing_ok=True)
+            return None, f"{e}; moved aside to {verify.set_partial_aside(entry)}, stage I starts over"
+
+    def delete_partial(self, cfg: Config) -> None:
+        for name in verify.PARTIAL:
+            storage.delete_file(f"{self.entry(stage1_key(cfg))}/{name}")

@@ -3,6 +3,7 @@ file://). The stage-I cache and the Ray runner read and write through these, so 
 of a cluster sees the same files."""
 from __future__ import annotations
 
+import hashlib
 import uuid
 from pathlib import Path
 
@@ -74,6 +75,33 @@ def download(uri: str, local: Path) -> Path:
     pyarrow.fs.copy_files(path, str(local.resolve()), source_filesystem=fs,
                           destination_filesystem=pyarrow.fs.LocalFileSystem())
     return local
+
+
+def sha256(uri: str, chunk: int = 8 << 20) -> tuple[str, int]:
+    """(sha256 hex digest, size in bytes) of a file, read in chunks: a local path or a URI."""
+    fs, path = filesystem(uri)
+    digest, size = hashlib.sha256(), 0
+    with fs.open_input_stream(path) as f:
+        while block := f.read(chunk):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+def move(uri: str, dest: str) -> None:
+    """Move a file within one storage (a rename on a path; a copy and a delete on object stores)."""
+    fs, path = filesystem(uri)
+    fs.create_dir(_parent(filesystem(dest)[1]), recursive=True)
+    fs.move(path, filesystem(dest)[1])
+
+
+def files(uri: str) -> list[str]:
+    """The names of the files directly in a folder (none when it does not exist)."""
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pyarrow.fs.FileType.File)
 
 
 def delete_file(uri: str) -> None:

@@ -30,23 +30,26 @@ from rich.markup import escape
 from ...trainer.config import Config, ConfigError, add_config_args, config_overrides
 from ...trainer.evaluate import SUMMARY_ERRORS
 from ...trainer.progress import set_log_every
+from ..address import resolve_address
 from ..cluster import (add_runner_args, check_writable, cluster_summary, experiment_uri, init_ray, quiet_tune,
-                       storage_uri)
-from ..collate import Outcome, write_parquet
+                       storage_uri, trial_resources)
+from ..collate import Outcome, count_diverged, write_parquet
 from ..datacheck import check_cells_data
 from ..exits import failure_exit
+from ..headwatch import watch_head
 from ..lock import hold_experiment
 from ..retry import max_failures
 from ..progress import driver_console
 from ..provenance import ablation_command, code_state
 from ..paired_figure import plot_paired
 from ..trackers import check_trackers, tracker_callbacks
-from ..stage1 import Stage1Failed, Stage1Interrupted, describe_stage1, stage1_cache_root
+from ..results_owner import check_results_owner
+from ..stage1 import Stage1Failed, Stage1Interrupted, check_stage1, describe_stage1, stage1_cache_root
 from ..trainables import absolute_paths
 from .experiment import load_results, run_experiment, saved_plan, training_plan, trials_from_grid
 from .figures import plot_study
 from .spec import (DEFAULT_SPEC, apply_overrides, axis_label, expand, list_specs, load_spec, make_plan, parse_list,
-                   merge_plans, plan_differences, read_best, value_label)
+                   merge_plans, plan_cells, plan_differences, read_best, value_label)
 from .tables import (FAILED, NOT_RUN, OK, collate_runs, failure_lines, latex_table, markdown_table, rich_tables,
                      summarize_runs, trials_from_run_dirs)
 
@@ -85,20 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plan_from_args(args):
     spec = load_spec(args.spec)
-    grid = {}
-    if args.arms:
-        grid["arm"] = parse_list(args.arms)
-    if args.imbalances:
-        grid["imbalance"] = parse_list(args.imbalances)
-    if args.seeds:
-        grid["seed"] = parse_list(args.seeds)
+    grid, origins = {}, {}  # axis -> values, and the flag that gave them (a typo is blamed on it)
+    for axis, flag, text in (("arm", "--arms", args.arms), ("imbalance", "--imbalance", args.imbalances),
+                             ("seed", "--seeds", args.seeds)):
+        if text:
+            grid[axis], origins[axis] = parse_list(text), flag
     for item in args.grid:
         axis, sep, values = item.partition("=")
         if not sep or not parse_list(values):
             raise ConfigError(f"--grid {item!r}: write AXIS=V1,V2 (e.g. --grid head_count=2,4)")
-        grid[axis.strip().replace("-", "_")] = parse_list(values)
+        axis = axis.strip().replace("-", "_")
+        grid[axis], origins[axis] = parse_list(values), f"--grid {item}"
     flags = config_overrides(args)
-    spec, flags, notes = apply_overrides(spec, grid, flags)
+    spec, flags, notes = apply_overrides(spec, grid, flags, origins)
     if args.metric:
         spec.metric = args.metric
     best, best_notes = read_best(args.config) if args.config else (None, [])
@@ -241,14 +243,30 @@ def run_held(args, console, argv, held: contextlib.ExitStack) -> int:
     if args.dry_run:
         dry_run(console, plan)
         return 0
-    check_writable(results_dir, "--results")  # before Ray starts or anything trains
-    if not (args.collate_only or args.from_runs):
+    source = (str(Path(args.from_runs).resolve()) if args.from_runs
+              else ", ".join(experiment_uri(storage, n) for n in merge or [name]))  # runs.parquet's `experiment`
+    trains = not (args.collate_only or args.from_runs)
+    stage1_plan = cache = None
+    if trains:
+        args.address = resolve_address(args.address)  # `auto`, a dead head: one line first (risda.runner.address)
         check_writable(storage, "--storage")
+    check_writable(results_dir, "--results")  # creates nothing: a refusal leaves no empty folder
+    new = trains and (args.restart or not tune.Tuner.can_restore(experiment_uri(storage, name)))
+    check_results_owner(results_dir.resolve(), source, new=new, restart=args.restart)  # nothing replaced unasked
+    if trains:
+        if not args.restart:
+            check_same_plan(plan, storage, name)
         held.enter_context(hold_experiment(storage, name))  # before anything of the experiment is touched
         # Every cell's data (layout, long-tailed subset), before Ray starts: one line, exit 2 (as tune/search.py).
-        checked = check_cells_data([Config.from_dict(c["config"]) for c in plan["cells"]], args.address)
+        configs = [Config.from_dict(c["config"]) for c in plan["cells"]]
+        checked = check_cells_data(configs, args.address)
         if checked:
             console.print(f"data: {checked} distinct data configuration(s) of the {len(plan['cells'])} cells checked")
+        if args.shared_stage1:  # every stage-I entry verified, a bad one moved aside, before Ray starts
+            cache = stage1_cache_root(args.stage1_cache, storage)
+            check_writable(cache, "--stage1-cache")
+            stage1_plan = check_stage1([Config.from_dict(c.config) for c in plan_cells(training_plan(plan))], cache,
+                                       say=lambda line: console.print(escape(line), soft_wrap=True))
 
     started = time.time()
     grid = runs = None
@@ -274,25 +292,25 @@ def run_held(args, console, argv, held: contextlib.ExitStack) -> int:
             if stage1:
                 write_parquet(pd.concat(stage1, ignore_index=True), results_dir / "stage1.parquet")
     else:
-        if not args.restart:
-            check_same_plan(plan, storage, name)
-        results_dir.mkdir(parents=True, exist_ok=True)
-        stamp_provenance(plan, argv, None if args.restart else results_dir / "plan.json")
-        (results_dir / "plan.json").write_text(json.dumps(plan, indent=1))
         we_started = True  # until init_ray says otherwise: an interrupted start-up is shut down too
         try:
+            held.enter_context(watch_head(args.address, experiment_uri(storage, name)))  # a lost head: one line, exit 1
             we_started = init_ray(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                                   include_dashboard=False, logging_level="warning", log_to_driver=False)
+            trial_resources(args.cpus_per_trial, args.gpus_per_trial)  # a GPU no node has: refused before any write
             console.print(f"Ray: {cluster_summary()}; per trial {args.cpus_per_trial:g} CPU, {args.gpus_per_trial:g} GPU")
             if args.gpus_per_trial == 0 and ray.cluster_resources().get("GPU", 0):
                 console.print("[yellow]note:[/] the cluster has GPUs but --gpus-per-trial is 0: trials train on CPUs "
                               "(e.g. --gpus-per-trial 0.25 packs four trials on a GPU)")
-            cache = stage1_cache_root(args.stage1_cache, storage) if args.shared_stage1 else None
+            results_dir.mkdir(parents=True, exist_ok=True)
+            stamp_provenance(plan, argv, None if args.restart else results_dir / "plan.json")
+            (results_dir / "plan.json").write_text(json.dumps(plan, indent=1))
             try:
                 grid, restored, stage1 = run_experiment(
                     plan, storage, name, args.cpus_per_trial, args.gpus_per_trial, restart=args.restart,
                     progress=args.progress, max_failures=args.max_failures, stage1_cache=cache,
-                    retry_errored=args.retry_errored, trackers=tracker_callbacks(args.tracker, name, results_dir))
+                    retry_errored=args.retry_errored, trackers=tracker_callbacks(args.tracker, name, results_dir),
+                    stage1_plan=stage1_plan)
             except Stage1Interrupted as e:
                 console.print(f"[yellow]interrupted:[/] {e}")
                 return 130
@@ -341,4 +359,5 @@ def run_held(args, console, argv, held: contextlib.ExitStack) -> int:
                   + ("" if redrawn else "{runs,summary,epochs}.parquet, ")
                   + ", ".join(["table.md", "table.tex", *(f.name for f in figures if f is not None)]))
     n_failed, n_unfinished = int((runs.status == FAILED).sum()), int((runs.status == NOT_RUN).sum())
-    return Outcome(n_ok, n_failed, n_unfinished).report(console, retry_hint=True)
+    diverged = count_diverged(runs[runs.status == FAILED].error)
+    return Outcome(n_ok, n_failed, n_unfinished, diverged).report(console, retry_hint=True)

@@ -25,7 +25,7 @@ from ..cluster import experiment_uri, remove_trial_scratch, restore_or_new_tuner
 from ..collate import collate
 from ..progress import RichProgress
 from ..retry import NoRetryWhenDiverged
-from ..stage1 import ensure_stage1
+from ..stage1 import check_stage1, ensure_stage1
 from ..trainables import STAGE1_CACHE_KEY, train_trial
 from .spec import coerce, plan_cells
 
@@ -68,13 +68,15 @@ def param_space(plan: dict) -> dict:
 
 def run_experiment(plan: dict, storage: str, name: str, cpus_per_trial: float, gpus_per_trial: float,
                    restart: bool = False, progress: bool = True, max_failures: int = 0,
-                   stage1_cache: str | None = None, retry_errored: bool = False, trackers: list | None = None):
+                   stage1_cache: str | None = None, retry_errored: bool = False, trackers: list | None = None,
+                   stage1_plan: dict | None = None):
     """(ResultGrid, restored, stage-I table or None): first every distinct stage I the cells
     need and the cache lacks (with stage1_cache; risda.runner.stage1.ensure_stage1), then the plan's
     grid, each cell forking stage II from its stage I (isda trains from epoch 0). Continues an
     interrupted experiment (finished trials kept, unfinished ones resumed from their
     checkpoints, failed ones only with retry_errored; --restart starts over). `trackers`: more
-    Tune callbacks (risda.runner.trackers)."""
+    Tune callbacks (risda.runner.trackers). stage1_plan: the cells' stage Is as the driver checked
+    them before Ray started (check_stage1), else checked here."""
     path = experiment_uri(storage, name)
     full, plan = plan, training_plan(plan)
     resources = trial_resources(cpus_per_trial, gpus_per_trial)
@@ -85,8 +87,9 @@ def run_experiment(plan: dict, storage: str, name: str, cpus_per_trial: float, g
     stage1 = None
     space = param_space(plan)
     if stage1_cache:
-        configs = [Config.from_dict(c.config) for c in plan_cells(plan)]
-        stage1 = ensure_stage1(configs, stage1_cache, storage, name, resources, max_failures, progress)
+        if stage1_plan is None:
+            stage1_plan = check_stage1([Config.from_dict(c.config) for c in plan_cells(plan)], stage1_cache)
+        stage1 = ensure_stage1(stage1_plan, stage1_cache, storage, name, resources, max_failures, progress)
         space[STAGE1_CACHE_KEY] = stage1_cache
 
     def new_tuner():

@@ -324,15 +324,18 @@ def parse_list(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
-def apply_overrides(spec: Spec, grid: dict | None = None, flags: dict | None = None) -> tuple[Spec, dict, list[str]]:
+def apply_overrides(spec: Spec, grid: dict | None = None, flags: dict | None = None,
+                    origins: dict | None = None) -> tuple[Spec, dict, list[str]]:
     """(spec, fixed trainer flags, notes). `grid`: axis -> list of values (from --arms,
-    --imbalance, --seeds, --grid); `flags`: the trainer flags the user typed. A flag that
-    names a grid axis narrows the axis to its value instead of being a fixed override."""
+    --imbalance, --seeds, --grid; `origins`: axis -> the flag that gave it, for the messages);
+    `flags`: the trainer flags the user typed. A flag that names a grid axis narrows the axis
+    to its value instead of being a fixed override."""
     spec = Spec.from_dict(spec.to_dict())
     notes, flags = [], dict(flags or {})
     for axis, values in (grid or {}).items():
         if axis not in _FIELD_NAMES:
             raise ConfigError(f"--grid {axis}=...: {axis!r} is not a Config field; use one of {', '.join(_FIELD_NAMES)}")
+        check_override(axis, values, (origins or {}).get(axis, f"--grid {axis}="))
         spec.config.pop(axis, None)
         spec.grid[axis] = list(values)
     for name in list(flags):
@@ -341,6 +344,15 @@ def apply_overrides(spec: Spec, grid: dict | None = None, flags: dict | None = N
             notes.append(f"--{name.replace('_', '-')} narrows the {axis_label(name)} axis to {spec.grid[name][0]}")
     check_spec(spec)
     return spec, flags, notes
+
+
+def check_override(axis: str, values: list, flag: str) -> None:
+    """An arm or variant typed on the command line is checked there, so that a typo is blamed on
+    the flag, not on the spec file."""
+    known = {"arm": list(ARMS), "variant": list(VARIANTS)}.get(axis)
+    for value in values if known else []:
+        if value not in known:
+            raise ConfigError(f"{flag}: unknown {axis} {value!r}: choose from {', '.join(known)}")
 
 
 # --- hyperparameters --------------------------------------------------------------------

@@ -29,8 +29,8 @@ from risda.trainer.stage1_verify import EntryFault
 MARK = 0.123456789  # the value every weight starts at, so that a test can find a tensor's bytes in the file
 
 
-def stage1_config(**kw) -> Config:
-    return Config(dataset="cifar10lt", epochs=4, stage1_epochs=2, **kw)
+def stage1_config(**kw):
+    return Config(dataset="cifar10lt", epochs=4, stage1_epochs=2, **kw).resolved()
 
 
 def stage1_checkpoint(path: Path, cfg: Config, n: int = 300_000) -> Path:

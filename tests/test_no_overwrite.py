@@ -26,7 +26,7 @@ def stub_train(monkeypatch):
         (out / "summary.json").write_text('{"new": true}')
         return {k: 1.0 for k in ("test_error", "many_error", "medium_error", "few_error")}
     import risda.trainer.loop
-    monkeypatch.setattr(risda.trainer, "train", fake)
+    monkeypatch.setattr(risda.trainer.loop, "train", fake)
     return calls
 
 

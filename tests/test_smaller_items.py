@@ -49,7 +49,7 @@ def test_a_run_names_its_last_good_checkpoint_only_when_there_is_one(tiny_config
     assert "checkpoint" not in str(e.value)  # none was written: nothing to point at
     (tmp_path / "checkpoint.pt").write_bytes(b"x")
     with pytest.raises(DivergedError, match=f"lower --lr, --alpha or --beta. The last good checkpoint is {tmp_path}/"):
-        risda.trainer.check_diverged(torch.tensor(float("nan")), 1, cfg, 2, 0.1, tmp_path)
+        risda.trainer.loop.check_diverged(torch.tensor(float("nan")), 1, cfg, 2, 0.1, tmp_path)
 
 
 class Console:

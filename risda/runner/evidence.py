@@ -180,8 +180,8 @@ def tuned_tau_table(ok: pd.DataFrame) -> list[str]:
     return markdown_lines(table, "l" + "r" * 5)
 
 
-def evidence_sections(runs: pd.DataFrame, results_dirs: list[Path], folder: Path | None = None) -> list[str]:
-    """The sections; with `folder`, the paired differences' figure is written there and shown under its table."""
+def evidence_sections(runs: pd.DataFrame, results_dirs: list[Path], paired_figure: str | None = None) -> list[str]:
+    """The sections; `paired_figure`: the paired differences' figure (risda.runner.paired_figure), shown under their table."""
     ok = finished(runs)
     if not len(ok):
         return []
@@ -190,9 +190,7 @@ def evidence_sections(runs: pd.DataFrame, results_dirs: list[Path], folder: Path
           "seeds where both finished. Negative: A has the lower error.", ""]
     table, words = paired_table(ok)
     md += table + ["", *words, ""]
-    from .paired_figure import plot_paired
-    figure = plot_paired(runs, folder / "paired_differences.png") if folder is not None else None
-    md += [f"![Paired differences per seed, mean ± 95% interval]({figure.name})", ""] if figure else []
+    md += [f"![Paired differences per seed, mean ± 95% interval]({paired_figure})", ""] if paired_figure else []
     graph = graph_table(ok)
     if graph:
         md += ["## The knowledge graph", "",

@@ -35,6 +35,7 @@ from ..trainer.data import NUM_CLASSES
 from ..trainer.display import EMPTY, error_text
 from ..trainer.evaluate import GROUPS, SELECTIONS
 from .evidence import evidence_sections, write_figures
+from .paired_figure import plot_paired
 from .ablation.spec import ARM_LABELS, DATASET_LABELS, axis_label, coerce, published_rows, value_label
 from .ablation.tables import FAILED, METRICS, NOT_RUN, OK, failure_lines, fill_from_epochs, group_axes, summarize_runs
 from .provenance import REPO, ablation_command, git
@@ -440,7 +441,8 @@ def render(out: Outputs, commands: list[str] | None = None, out_path: Path | Non
                *results_tables(extra.plan, extra.summary, published=False)]
         runs = pd.concat([runs, extra.runs], ignore_index=True)
         bad = runs[runs.status != OK]
-    md += evidence_sections(runs, [o.results for o in studies], out_path.parent if out_path is not None else None)
+    paired = plot_paired(runs, out_path.parent / "paired_differences.png") if out_path is not None else None
+    md += evidence_sections(runs, [o.results for o in studies], paired.name if paired else None)
     if out_path is not None:
         figures = write_figures(runs, out_path.parent)
         md += [f"![{title}]({os.path.relpath(path, out_path.parent)})" for title, path in figures] + ([""] if figures else [])

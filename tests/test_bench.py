@@ -19,6 +19,7 @@ PYTHON = {
     "bench_method.py": r"ISDA / RISDA: memory .* time \d+\.\d\dx.*\n(.*\n)*.*RISDA / CE = \d+\.\d{3}",
     "bench_precision.py": r"bf16 / fp32 = \d+\.\d\dx",
     "bench_scale.py": r"tiny\s+diag\s+\S+ KiB\s+0\.\d{4}",
+    "bench_verify.py": r"ResNet-32 \(CIFAR\)\s+\d+\.\d MB\s+verify\s+\d+\.\d ms",
     "bench_speed.py": r"eager\+bf16\+contiguous\s+\|\s+1 \|.*\|\s+\d+\.\d\d \|(.*\n)*.*\d+ x 1 thread / 1 x \d+ threads = \d+\.\d\dx",
     "pack_cifar10lt.py": r"training images in 50000 slots",
 }

@@ -78,7 +78,7 @@ def test_best_json_of_a_best_trial_at_chance_says_so(tmp_path, monkeypatch):
                started_at=0.0, config=json.dumps({"alpha": 0.5}), summary="{}", alpha=0.5, stage1_key="k",
                **{f"final_{k}": 90.0 for k in ("test_error", "test_many_error", "test_medium_error", "test_few_error")})
     monkeypatch.setattr(search, "collate", lambda grid, **k: (pd.DataFrame([row]), pd.DataFrame({"epoch": []})))
-    trials, best = search.write_results(None, tmp_path, ["alpha"], dict(search_seed=0, experiment="e", name="n",
+    trials, best, _ = search.write_results(None, tmp_path, ["alpha"], dict(search_seed=0, experiment="e", name="n",
                                                                         num_samples=1), num_classes=10)
     saved = json.loads((tmp_path / "best.json").read_text())
     assert saved["at_chance"] is True and saved["chance_error"] == 90.0

@@ -252,7 +252,9 @@ def run_held(args, console, argv, held: contextlib.ExitStack) -> int:
         check_writable(storage, "--storage")
     check_writable(results_dir, "--results")  # creates nothing: a refusal leaves no empty folder
     new = trains and (args.restart or not tune.Tuner.can_restore(experiment_uri(storage, name)))
-    check_results_owner(results_dir.resolve(), source, new=new, restart=args.restart)  # nothing replaced unasked
+    redraw = args.collate_only and not merge and redraw_only(storage, name, results_dir)  # figures only: no table written
+    if not redraw:
+        check_results_owner(results_dir.resolve(), source, new=new, restart=args.restart)  # nothing replaced unasked
     if trains:
         if not args.restart:
             check_same_plan(plan, storage, name)
@@ -270,7 +272,7 @@ def run_held(args, console, argv, held: contextlib.ExitStack) -> int:
 
     started = time.time()
     grid = runs = None
-    if args.collate_only and not merge and redraw_only(storage, name, results_dir):
+    if redraw:
         console.print(f"note: no Ray experiment at {experiment_uri(storage, name)}: the tables and figures are redrawn from "
                       f"{results_dir / 'runs.parquet'}")
         runs = pd.read_parquet(results_dir / "runs.parquet")

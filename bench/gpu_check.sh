@@ -107,12 +107,12 @@ from risda.trainer.data import load_long_tail
 from risda.trainer.loop import pick_device, train
 name, out, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 p = argparse.ArgumentParser(); add_config_args(p)
-cfg = Config(**config_overrides(p.parse_args(argv)), out=out).validate()
+cfg = Config(**config_overrides(p.parse_args(argv)), out=out).validate().resolved()  # a RunConfig, as every entry
 t0 = time.time(); data = load_long_tail(cfg, pick_device(cfg.device)); load_s = time.time() - t0
 walls = []
 train(cfg, data=data, on_epoch=lambda rec, ckpt: walls.append(rec["wall_time_s"]))
 dt = [b - a for a, b in zip([0.0] + walls, walls)]  # epoch 0 includes warm-up, the last the final evaluation
-s1, e = cfg.resolved().stage1_epochs, cfg.epochs
+s1, e = cfg.stage1_epochs, cfg.epochs
 med = lambda xs: statistics.median(xs) if xs else None
 stage1, stage2 = med(dt[1:s1]), med(dt[s1 + 1:e - 1])
 r = dict(name=name, precision=cfg.precision, channels_last=cfg.channels_last, arm=cfg.arm, train_images=len(data.train),

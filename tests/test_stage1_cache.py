@@ -296,7 +296,7 @@ def test_a_search_over_a_damaged_entry_retrains_it(cifar10_root, tmp_path, local
     table = pd.read_parquet(tmp_path / "results" / "s" / "stage1.parquet")
     assert list(table.cache) == ["retrained"] and table.trained_now.all() and "moved aside" in table.cache_note[0]
     assert len(list(Path(tmp_path / "ray" / "stage1").glob(f"{stage1_key(cfg.resolved())}.bad-*/*"))) == 2  # kept, not deleted
-    assert cache.verify(cfg) is not None  # the new entry is whole
+    assert cache.verify(cfg.resolved()) is not None  # the new entry is whole
     trials = pd.read_parquet(tmp_path / "results" / "s" / "trials.parquet")
     assert list(trials.status) == ["TERMINATED"] and trials.completed.all()
     summary = json.loads(trials.summary[0])

@@ -10,7 +10,7 @@ LOG=${LOG:-study-logs}
 mkdir -p "$LOG"
 run() { name=$1; shift; echo "$(date +%T) start $name" >> "$LOG/driver.log"
   python ablations/run.py --data-root "$DATA" --name "$name" "$@" >> "$LOG/$name.log" 2>&1
-  echo "$(date +%T) end $name rc=$?" >> "$LOG/driver.log"; }
+  rc=$?; echo "$(date +%T) end $name rc=$rc" >> "$LOG/driver.log"; }  # rc first: $(date) resets $?
 # seed 0, every arm (RISDA's settings: batch 100, weight decay 5e-4, Nesterov; one shared CE stage I)
 run study-c --spec cifar100lt_paper --arms ce,ce_drw,risda,no_reasoning,cov_only,no_reweight,ce_posthoc_la --seeds 0
 run study-c-prototype --spec cifar100lt_paper --arms risda --grid graph_source=prototype --seeds 0

@@ -175,3 +175,16 @@ def test_a_killed_trial_is_an_error_and_retry_errored_completes_it(cifar10_root,
     study = pickle.loads(state.read_bytes())["_ot_study"]
     told = sorted(t.value for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE")
     assert told == sorted(trials["final_val_error"]), json.dumps([str(t) for t in study.trials])
+
+
+def test_the_best_epoch_skips_epochs_that_were_not_evaluated():
+    """Tune's metrics frame holds NaN (not None) for an epoch reported without a validation
+    error (eval_every > 1): the best is the lowest evaluated one, not NaN (a search's
+    trials.parquet had best_val_error NaN beside final_val_error 68.0)."""
+    frame = pd.DataFrame({"epoch": [24, 25, 26, 27], "epochs_done": [25, 26, 27, 28],
+                          "val_error": [float("nan"), 72.0, float("nan"), 68.0]})
+    result = SimpleNamespace(config={"epochs": 28}, metrics={"trial_id": "t1"}, error=None, metrics_dataframe=frame,
+                             path="/x/train_trial_t1")
+    row = collate.trial_row(result, "TERMINATED")
+    assert (row["best_val_error"], row["best_val_error_epoch"], row["final_val_error"]) == (68.0, 27, 68.0)
+    assert row["completed"]

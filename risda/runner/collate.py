@@ -91,7 +91,7 @@ def trial_row(result, status: str | None, metric: str = "val_error", params=(), 
     config = {k: v for k, v in (result.config or {}).items() if k != STAGE1_CACHE_KEY}
     epochs = epoch_rows(result)
     last = epochs[-1] if epochs else {}
-    scored = [r for r in epochs if r.get(metric) is not None]
+    scored = [r for r in epochs if pd.notna(r.get(metric))]  # an unevaluated epoch is NaN in Tune's frame, not None
     best = min(scored, key=lambda r: r[metric]) if scored else {}
     metrics = result.metrics or {}
     row = {"trial_id": trial_id_of(result), **{p: config.get(p) for p in params},

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..trainer.arms import ARMS
+from .graph_semantics import SHOWN, rarest, semantics_table
 from .table_writers import markdown_lines
 
 METRICS = (("test_error", "(a) last"), ("test_error_at_best_val", "(b) best-val"), ("best_test_error", "(c) best-test"),
@@ -111,7 +112,7 @@ def neighbour_lines(ok: pd.DataFrame) -> list[str]:
         text = r.get("graph_neighbours")
         if not isinstance(text, str) or r["cell_id"][1] != "paper":
             continue
-        nb = json.loads(text)
+        nb = rarest(json.loads(text))
         out.append(f"- {cell_label(r['cell_id'])} (seed {r['seed']}): " + "; ".join(
             f"{c} ← " + (", ".join(f"{n} {w:.3f}" for n, w in v) or "nothing") for c, v in nb.items()))
     return out
@@ -180,15 +181,22 @@ def tuned_tau_table(ok: pd.DataFrame) -> list[str]:
     return markdown_lines(table, "l" + "r" * 5)
 
 
-def evidence_sections(runs: pd.DataFrame, results_dirs: list[Path], paired_figure: str | None = None) -> list[str]:
-    """The sections; `paired_figure`: the paired differences' figure (risda.runner.paired_figure), shown under their table."""
+def evidence_sections(runs: pd.DataFrame, results_dirs: list[Path], paired_figure: str | None = None,
+                      compute_runs: pd.DataFrame | None = None) -> list[str]:
+    """The sections; `paired_figure`: the paired differences' figure (risda.runner.paired_figure), shown under their
+    table; `compute_runs`: the runs the compute section counts (default `runs`: also those on another protocol)."""
     ok = finished(runs)
     if not len(ok):
         return []
+    lams = sorted({float(v) for v in ok.imbalance.dropna()}) if "imbalance" in ok else []
+    at = f" at λ = {lams[0]:g}" if len(lams) == 1 else ""
     md = ["## Paired differences", "",
-          "Each row is A − B per seed (the same images and the same stage I), then the mean ± sample std over the "
+          f"Each row is A − B per seed{at} (the same images and the same stage I), then the mean ± sample std over the "
           "seeds where both finished. Negative: A has the lower error.", ""]
     table, words = paired_table(ok)
+    if any(a[1] == "reference" for a, _ in pairs(ok)):
+        words.append("- The reference variant trains on its own subset (the authors' seed) and its own stage I: its row "
+                     "is a difference per seed, not a paired one.")
     md += table + ["", *words, ""]
     md += [f"![Paired differences per seed, mean ± 95% interval]({paired_figure})", ""] if paired_figure else []
     graph = graph_table(ok)
@@ -201,14 +209,21 @@ def evidence_sections(runs: pd.DataFrame, results_dirs: list[Path], paired_figur
         md += ["Which of the three reasons the numbers support:", "", *verdict(ok), ""]
         nb = neighbour_lines(ok)
         if nb:
-            md += ["Top-3 neighbours of each tail class (weight ε[c, i]):", "", *nb, ""]
+            many = any(len(json.loads(t)) > 10 for t in ok.get("graph_neighbours", pd.Series(dtype=object)).dropna())
+            md += [f"Top-3 neighbours of {f'the {SHOWN} rarest tail classes' if many else 'each tail class'} (weight ε[c, i]):",
+                   "", *nb, ""]
+        semantic = semantics_table(ok[[ARMS.get(c[0]) is not None and ARMS[c[0]].reasons for c in ok.cell_id]], cell_label)
+        if semantic:
+            md += ["Does a tail class borrow from a semantically close class? Close = the same CIFAR-100 superclass "
+                   "(risda.runner.graph_semantics; ours, not the paper's): per tail row of ε at the switch, its largest "
+                   "off-diagonal entry, and the share of its off-diagonal mass inside its superclass.", "", *semantic, ""]
     tuned = tuned_tau_table(ok)
     if tuned:
         md += ["## Post-hoc logit adjustment: τ tuned on validation", "",
                "The CE model's logits minus τ·log π at evaluation (no training of its own). τ is chosen over a small "
                "grid on the balanced validation split only (the smaller τ on ties); the test set never takes part.", "",
                *tuned, ""]
-    md += ["## Compute", "", *compute_lines(results_dirs, runs), ""]
+    md += ["## Compute", "", *compute_lines(results_dirs, runs if compute_runs is None else compute_runs), ""]
     return md
 
 

@@ -34,9 +34,11 @@ from ..trainer.config import RunConfig
 from ..trainer.data import NUM_CLASSES
 from ..trainer.display import EMPTY, error_text
 from ..trainer.evaluate import GROUPS, SELECTIONS
-from .evidence import evidence_sections, write_figures
+from .evidence import evidence_sections, finished, write_figures
+from .external_check import CHECK_INTRO, external_check_lines, settings_differences
+from .lambda_figure import lambda_section
 from .paired_figure import plot_paired
-from .ablation.spec import ARM_LABELS, DATASET_LABELS, axis_label, coerce, published_rows, value_label
+from .ablation.spec import ARM_LABELS, DATASET_LABELS, axis_label, coerce, published_now, published_rows, value_label
 from .ablation.tables import FAILED, METRICS, NOT_RUN, OK, failure_lines, fill_from_epochs, group_axes, summarize_runs
 from .provenance import REPO, ablation_command, git
 from .table_writers import markdown_lines
@@ -53,6 +55,10 @@ SELECTION_NOTES = {
 }
 COLUMN_GROUPS = ("all", *GROUPS)  # a selection's columns: overall, then each shot group
 ROW_AXES = ("arm", "variant")
+# what makes another protocol (a study on it is never paired with the main one); a variant's subset, padding
+# and warm-up are the variant's, not another protocol
+PROTOCOL_KEYS = ("dataset", "n_max", "val_per_class", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "epochs",
+                 "lr_milestones", "precision", "model")
 
 
 # --- reading the outputs ------------------------------------------------------------------
@@ -373,9 +379,9 @@ def main_table(plan: dict, rows: list[dict]) -> list[str]:
 
 def published_table(plan: dict, lam: float | None, also_arms: frozenset = frozenset()) -> list[str]:
     """The spec's published rows; `also_arms`: arms run by the other studies of the same report."""
-    spec, cells = plan["spec"], plan["cells"]
+    cells = plan["cells"]
     dataset = cells[0]["config"]["dataset"]
-    rows = published_rows(spec, dataset)
+    rows = published_rows({"paper_numbers": published_now(plan)}, dataset)
     arms_run = {c["config"]["arm"] for c in cells} | also_arms
     if lam is not None:
         rows = [r for r in rows if lam in r["errors"]]
@@ -400,13 +406,51 @@ def per_study(studies: list[Outputs], lines) -> list[str]:
     return [x for o in studies for x in (f"`{o.results.name}`:", "", *lines(o), "")]
 
 
+def first_config(o: Outputs) -> dict:
+    return _resolved(o.plan["cells"][0]["config"])
+
+
+def other_protocol(extra: Outputs, out: Outputs) -> str:
+    """The training settings in which `extra` differs from the main study (batch, weight decay, ...),
+    leaving out what a variant changes (subset, padding, warm-up); empty when it is the same protocol."""
+    cfg, base = first_config(extra), first_config(out)
+    keys = [k for k in PROTOCOL_KEYS if cfg.get(k) != base.get(k)]
+    return ", ".join(f"{k} {cfg.get(k)} (here {base.get(k)})" for k in keys)
+
+
+def same_protocol_runs(out: Outputs, extras: list[Outputs]) -> pd.DataFrame:
+    """The runs the paired differences, the graph and Table 5 across λ read: the main study's and those of
+    the extras on its protocol."""
+    return pd.concat([out.runs, *(e.runs for e in extras if not other_protocol(e, out))], ignore_index=True)
+
+
+def paired_lambda(plan: dict) -> float:
+    """The imbalance factor the paired differences and the graph are read at: the study's own, or λ = 100
+    (the paper's headline) when it has several, else its first."""
+    lams = [float(c["config"]["imbalance"]) for c in plan["cells"]]
+    return 100.0 if 100.0 in lams else lams[0]
+
+
+def extra_intro(extra: Outputs, out: Outputs) -> str:
+    other = other_protocol(extra, out)
+    if other:
+        return (f"Another protocol: {other}. Its cells are set beside the published numbers (external check) but never "
+                "paired with the main study's.")
+    variant = settings_differences(first_config(extra), first_config(out))
+    return ("The same protocol" + (f" (this study's cells: {variant})" if variant else " and data")
+            + ", each cell on the stage I its arm declares (the shared CE one, or the arm's own); its own cells:")
+
+
 def render(out: Outputs, commands: list[str] | None = None, out_path: Path | None = None,
-           extras: list[Outputs] | None = None, preface: str | None = None) -> str:
-    """The report of `out`; `extras` (other studies over the same protocol and stage I, e.g. the
-    reference variant run as its own command) add their tables under Results and their runs below.
-    `preface`: Markdown placed after the title (what the numbers say, written by a person and kept
-    in its own file, so that the report can be regenerated without losing it)."""
+           extras: list[Outputs] | None = None, preface: str | None = None, figures: Path | None = None) -> str:
+    """The report of `out`; `extras` (other studies, e.g. the reference variant run as its own command, or
+    a baseline under its source's settings) add their tables under Results and their runs below; those on
+    the same protocol join the paired differences, the others only the external check. `preface`: Markdown
+    placed after the title (what the numbers say, written by a person and kept in its own file, so that the
+    report can be regenerated without losing it). `figures`: where the report's figures go (default: beside
+    `out_path`)."""
     plan, runs, summary = out.plan, out.runs, out.summary
+    figures = figures or (out_path.parent if out_path is not None else None)
     spec = plan["spec"]
     ds = plan["cells"][0]["config"]["dataset"]
     title = spec.get("title") or spec.get("name")
@@ -434,18 +478,24 @@ def render(out: Outputs, commands: list[str] | None = None, out_path: Path | Non
     md += ["", "A cell is the mean ± std (sample std) over the seeds that finished; `seeds ok/planned` is n. "
                "FAILED / not run: no seed of that row finished; a row with some seeds missing says which.", ""]
     md += results_tables(plan, summary, also_arms=frozenset(c["config"]["arm"] for o in extras or [] for c in o.plan["cells"]))
+    paired_runs = same_protocol_runs(out, extras or [])
     for extra in extras or []:
         md += [f"### Also: {extra.plan['spec'].get('title') or extra.plan['spec'].get('name')} (`{extra.results}`)", "",
-               "The same protocol and data, each cell on the stage I its arm declares (the shared CE one, or the "
-               "arm's own); its own cells:", "",
-               *results_tables(extra.plan, extra.summary, published=False)]
+               extra_intro(extra, out), "", *results_tables(extra.plan, extra.summary, published=False)]
         runs = pd.concat([runs, extra.runs], ignore_index=True)
         bad = runs[runs.status != OK]
-    paired = plot_paired(runs, out_path.parent / "paired_differences.png") if out_path is not None else None
-    md += evidence_sections(runs, [o.results for o in studies], paired.name if paired else None)
-    if out_path is not None:
-        figures = write_figures(runs, out_path.parent)
-        md += [f"![{title}]({os.path.relpath(path, out_path.parent)})" for title, path in figures] + ([""] if figures else [])
+    check = external_check_lines([o.plan for o in studies], runs)
+    if check:
+        md += ["## External check: ours against each published number", "", CHECK_INTRO, "", *check, ""]
+    md += lambda_section(plan, paired_runs, figures, out_path)
+    lam = paired_lambda(plan)
+    paired_runs = paired_runs[paired_runs.imbalance.astype(float) == lam]
+    rel = (lambda p: os.path.relpath(p, out_path.parent)) if out_path is not None else (lambda p: Path(p).name)
+    paired = plot_paired(paired_runs, figures / "paired_differences.png") if figures is not None else None
+    md += evidence_sections(paired_runs, [o.results for o in studies], rel(paired) if paired else None, compute_runs=runs)
+    if figures is not None:
+        made = write_figures(paired_runs, figures)
+        md += [f"![{title}]({rel(path)})" for title, path in made] + ([""] if made else [])
     return _rest(md, out, plan, runs, bad, title, out_path)
 
 
@@ -498,6 +548,84 @@ def every_run(runs: pd.DataFrame) -> pd.DataFrame:
                          "epochs run": r.epochs_run.map(epoch), "wall time": r.wall_time_s.map(duration)})
 
 
+# --- a report of several parts (results/report.toml) -----------------------------------------
+def load_manifest(path: str | Path) -> dict:
+    """The report's declaration: title, preface, out and its parts in order, each `results` and `also`
+    (folders relative to the manifest's own). One line on what is wrong, before anything is read."""
+    from .ablation.spec import tomllib   # the specs' TOML reader (tomli on Python 3.10)
+    path = Path(path)
+    try:
+        m = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the report's manifest ({e}); see results/report.toml for its form")
+    parts = m.get("part")
+    if not isinstance(parts, list) or not parts or not all(isinstance(p, dict) and p.get("results") for p in parts):
+        raise ValueError(f"{path}: no [[part]] with `results = \"<folder>\"`; add one per part, in the report's order")
+    here = path.parent
+    return dict(title=m.get("title", "Reproduction report"), preface=here / m["preface"] if m.get("preface") else None,
+                out=here / m.get("out", DEFAULT_OUT),
+                parts=[dict(results=here / p["results"], also=[here / a for a in p.get("also", [])]) for p in parts])
+
+
+def shift_headings(text: str) -> list[str]:
+    """One level deeper (# -> ##), outside fenced code."""
+    out, fenced = [], False
+    for line in text.splitlines():
+        fenced ^= line.startswith("```")
+        out.append("#" + line if line.startswith("#") and not fenced else line)
+    return out
+
+
+def terms_across_parts(parts: list[tuple[Outputs, list[Outputs]]]) -> list[str]:
+    """The reasoned terms' size and ε's tail mass per dataset and graph source (RISDA, paper variant),
+    mean over seeds: what 100 classes change against 10."""
+    rows = []
+    for out, extras in parts:
+        ok = finished(same_protocol_runs(out, extras))
+        ds = out.plan["cells"][0]["config"]["dataset"]
+        ok = ok[ok.cell_id.map(lambda c: c[0] == "risda" and c[1] == "paper")]
+        if not len(ok) or "graph_offdiag_tail" not in ok:
+            continue
+        for source, g in ok.groupby(ok.cell_id.map(lambda c: c[2]), sort=False):
+            rows.append([DATASET_LABELS.get(ds, ds), f"`{out.results.name}`", source, str(g.seed.nunique()),
+                         *(f"{g[c].mean():.3f}" for c in ("graph_offdiag_tail", "reason_cov_ratio_first", "reason_mean_ratio_first")),
+                         f"{g.test_error.mean():.2f}"])
+    if not rows:
+        return []
+    head = ["dataset", "part", "graph", "seeds", "1−ε_cc tail", "tr Σʳ/tr Σ (switch)", "‖αμʳ‖/‖f‖ (switch)", "RISDA (a)"]
+    return ["## The reasoning terms across the parts", "",
+            "RISDA's ε and reasoned terms at the switch to stage II, mean over seeds, per dataset and graph source "
+            "(from each part's knowledge-graph section):", "", *markdown_lines(pd.DataFrame(rows, columns=head), "llllrrrr"), ""]
+
+
+def render_parts(parts: list[tuple[Outputs, list[Outputs]]], out_path: Path, title: str, preface: str | None = None) -> str:
+    """Each part rendered as its own report (its figures in its main results folder), one heading level
+    down, under one title and preface; then the terms across the parts."""
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    names = [o.plan["spec"].get("title") or o.plan["spec"].get("name") for o, _ in parts]
+    md = [f"# {title}", "", f"Written {now}. All numbers are top-1 error in % on the balanced test set. Parts:", "",
+          *(f"{i}. {n} (`{o.results.name}`)" for i, (n, (o, _)) in enumerate(zip(names, parts), 1)), ""]
+    if preface:
+        md += [preface.strip(), ""]
+    for i, (out, extras) in enumerate(parts, 1):
+        body = shift_headings(render(out, None, out_path, extras, None, figures=out.results))
+        body[0] = f"## Part {i}: {names[i - 1]}"
+        md += body + [""]
+    md += terms_across_parts(parts)
+    return "\n".join(md).rstrip() + "\n"
+
+
+def write_manifest_report(manifest: str | Path) -> Path:
+    m = load_manifest(manifest)
+    parts = [(load_outputs(p["results"]), [load_outputs(a) for a in p["also"]]) for p in m["parts"]]
+    path = m["out"]
+    text = render_parts(parts, path.resolve(), m["title"], m["preface"].read_text() if m["preface"] else None)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
 def write_report(results: str | Path, out: str | Path | None = None, commands: list[str] | None = None,
                  also: list[str | Path] | None = None, preface: str | Path | None = None) -> Path:
     outputs = load_outputs(results)
@@ -514,7 +642,10 @@ def write_report(results: str | Path, out: str | Path | None = None, commands: l
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Write a Markdown reproduction report from an ablation's outputs "
                                             "(results/<name>/ as ablations/run.py writes it).")
-    p.add_argument("--results", required=True, help="the ablation's results folder, e.g. results/table5")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--results", help="the ablation's results folder, e.g. results/table5")
+    which.add_argument("--manifest", help="a report of several parts declared in a TOML file (results/report.toml: "
+                       "title, preface, out, and [[part]] results = ..., also = [...]); the other options do not apply")
     p.add_argument("--out", help=f"the Markdown file (default: {DEFAULT_OUT} beside the results folder, e.g. results/{DEFAULT_OUT})")
     p.add_argument("--command", action="append", default=[],
                    help="the command that ran the ablation, when plan.json does not record it; repeatable")
@@ -525,7 +656,8 @@ def main(argv=None) -> int:
                    "kept in its own file so that regenerating the report keeps it")
     args = p.parse_args(argv)
     try:
-        path = write_report(args.results, args.out, args.command, args.also, args.preface)
+        path = (write_manifest_report(args.manifest) if args.manifest else
+                write_report(args.results, args.out, args.command, args.also, args.preface))
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

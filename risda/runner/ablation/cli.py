@@ -49,7 +49,7 @@ from ..trainables import absolute_paths
 from .experiment import load_results, run_experiment, saved_plan, training_plan, trials_from_grid
 from .figures import plot_study
 from .spec import (DEFAULT_SPEC, apply_overrides, axis_label, expand, list_specs, load_spec, make_plan, parse_list,
-                   merge_plans, plan_cells, plan_differences, read_best, value_label)
+                   merge_plans, plan_cells, plan_differences, published_now, read_best, value_label)
 from .tables import (FAILED, NOT_RUN, OK, collate_runs, failure_lines, latex_table, markdown_table, rich_tables,
                      summarize_runs, trials_from_run_dirs)
 
@@ -193,13 +193,6 @@ def experiment_plan(results_dir: Path, storage: str, name: str) -> dict:
         raise ConfigError(f"--merge: no experiment {name!r} in {storage} (nor {results_dir / 'plan.json'}); "
                           "check --storage and the names")
     return plan
-
-
-def published_now(plan: dict) -> dict:
-    """The published rows a collation shows: the literature's numbers, not the run's, so a bundled
-    spec's rows as they are today (added or corrected since the run), else the recorded ones."""
-    name = plan["spec"]["name"]
-    return load_spec(name).paper_numbers if name in list_specs() else plan["spec"].get("paper_numbers", {})
 
 
 def redraw_only(storage: str, name: str, results_dir: Path) -> bool:

@@ -210,7 +210,7 @@ def parse_spec(raw: dict, name: str, path: str | None = None) -> Spec:
     return spec
 
 
-PUBLISHED_KEYS = ("method", "source", "errors", "arm", "note")
+PUBLISHED_KEYS = ("method", "source", "errors", "arm", "note", "protocol")
 
 
 def check_published(paper_numbers: dict, bad) -> None:
@@ -236,6 +236,9 @@ def check_published(paper_numbers: dict, bad) -> None:
             if row.get("arm") is not None and row["method"] not in ARMS[row["arm"]].published:
                 bad(f"[[paper.{ds}]] row {row['method']!r} is matched to arm {row['arm']!r}, which risda.trainer.arms declares as "
                     f"exactly {list(ARMS[row['arm']].published) or 'no published method'}: leave `arm` out, or fix the method")
+            if row.get("protocol") is not None and row["protocol"] not in list_specs():
+                bad(f"[[paper.{ds}]] row {row['method']!r}: protocol {row['protocol']!r} is not a bundled spec: name the spec "
+                    f"whose settings the source trained with ({', '.join(list_specs())}), or leave it out (its own, not run here)")
             if not isinstance(row["errors"], dict):
                 bad(f"[[paper.{ds}]] row {row['method']!r}: errors must be a table {{ \"<λ>\" = <error> }}")
             for lam, err in row["errors"].items():
@@ -260,8 +263,15 @@ def published_rows(spec: dict | Spec, dataset: str, arms=None) -> list[dict]:
         if arms is not None and row.get("arm") is not None and row["arm"] not in arms:
             continue
         out.append(dict(method=row["method"], source=row["source"], arm=row.get("arm"), note=row.get("note"),
-                        errors={float(k): float(v) for k, v in row["errors"].items()}))
+                        protocol=row.get("protocol"), errors={float(k): float(v) for k, v in row["errors"].items()}))
     return out
+
+
+def published_now(plan: dict) -> dict:
+    """The published rows a collation or report shows: the literature's numbers, not the run's, so a
+    bundled spec's rows as they are today (added or corrected since the run), else the recorded ones."""
+    name = plan["spec"]["name"]
+    return load_spec(name).paper_numbers if name in list_specs() else plan["spec"].get("paper_numbers", {})
 
 
 def published_label(row: dict) -> str:

@@ -13,7 +13,7 @@ from risda.runner import report
 from risda.runner.ablation.spec import check_spec, load_spec
 from risda.trainer.config import ConfigError
 from risda.runner.external_check import check_rows, external_check_lines
-from risda.runner.graph_semantics import SUPER, row_semantics, semantics_table
+from risda.runner.graph_semantics import SUPER, plot_superclass_graph, row_semantics, semantics_table
 from risda.runner.lambda_figure import lambda_section, lambda_table, ours_by_arm, published_by_arm
 from risda.trainer.data import CIFAR100_SUPERCLASSES
 
@@ -66,7 +66,7 @@ def test_the_superclasses_cover_cifar100_once():
     assert len(set(names)) == 100 and "aquarium_fish" in names and "willow_tree" in names
 
 
-def test_row_semantics_against_a_superclass_matrix():
+def test_row_semantics_against_a_superclass_matrix(tmp_path):
     """Top neighbour and in-superclass mass of each tail row, against one-hot superclass products."""
     rng = np.random.default_rng(0)
     classes = sorted(SUPER)
@@ -85,6 +85,8 @@ def test_row_semantics_against_a_superclass_matrix():
                                                      graph=json.dumps({"classes": classes, "eps": eps.tolist()}),
                                                      graph_neighbours=json.dumps({c: [] for c in tail}))]), lambda c: c[0]))
     assert f"| risda | 0 | {len(rows)} of 80 | {int(top.sum())} (" in table and "4.0%" in table
+    plot_superclass_graph(eps, classes, tmp_path / "g.png", "ε")
+    assert (tmp_path / "g.png").stat().st_size > 10_000
 
 
 def test_table5_across_lambda_shows_the_paper_beside_ours_and_what_is_missing(tmp_path):

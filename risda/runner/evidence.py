@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..trainer.arms import ARMS
-from .graph_semantics import SHOWN, rarest, semantics_table
+from .graph_semantics import SHOWN, SUPER, plot_superclass_graph, rarest, semantics_table
 from .table_writers import markdown_lines
 
 METRICS = (("test_error", "(a) last"), ("test_error_at_best_val", "(b) best-val"), ("best_test_error", "(c) best-test"),
@@ -276,4 +276,9 @@ def write_figures(runs: pd.DataFrame, folder: Path) -> list[tuple[str, Path]]:
         path = folder / "graph_heatmap.png"
         plot_graph(eps, labels, path)
         made.append((f"ε of RISDA (confusion, seed {r['seed']})", path))
+        if set(labels) <= set(SUPER) and len(labels) == len(SUPER):
+            path = folder / "graph_superclasses.png"
+            plot_superclass_graph(eps.numpy(), labels, path, f"ε of RISDA (confusion graph, seed {r['seed']}) at the switch, "
+                                  "classes grouped by CIFAR-100 superclass (boxes); diagonal blank")
+            made.append((f"ε by superclass (confusion, seed {r['seed']})", path))
     return made

@@ -66,3 +66,29 @@ def rarest(neighbours: dict, many: int = 10) -> dict:
     """All tail rows when there are few; else the `SHOWN` rarest (the neighbour lists run from the most to
     the fewest images: the long-tail subset orders classes by size)."""
     return neighbours if len(neighbours) <= many else dict(list(neighbours.items())[-SHOWN:])
+
+
+def plot_superclass_graph(eps: np.ndarray, classes: list[str], path, title: str) -> None:
+    """ε with its classes ordered by superclass, the diagonal blanked and a box around each superclass:
+    borrowing from a semantically close class is colour inside a box."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    order = [classes.index(c) for members in CIFAR100_SUPERCLASSES.values() for c in members]
+    e = np.asarray(eps, dtype=float)[np.ix_(order, order)]
+    np.fill_diagonal(e, np.nan)
+    fig, ax = plt.subplots(figsize=(13, 12), layout="constrained")
+    im = ax.imshow(e, cmap="viridis", vmin=0, vmax=np.nanmax(e))
+    for k in range(len(CIFAR100_SUPERCLASSES)):
+        ax.add_patch(Rectangle((5 * k - 0.5, 5 * k - 0.5), 5, 5, fill=False, ec="white", lw=0.8))
+    names = [classes[i] for i in order]
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=5)
+    ax.set_yticks(range(len(names)), names, fontsize=5)
+    ax.set_xlabel("borrows from (class i), grouped by superclass")
+    ax.set_ylabel("class c")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.04, label="ε[c, i], off-diagonal")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

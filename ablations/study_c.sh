@@ -14,8 +14,10 @@ run() { name=$1; shift; echo "$(date +%T) start $name" >> "$LOG/driver.log"
 # seed 0, every arm (RISDA's settings: batch 100, weight decay 5e-4, Nesterov; one shared CE stage I)
 run study-c --spec cifar100lt_paper --arms ce,ce_drw,risda,no_reasoning,cov_only,no_reweight,ce_posthoc_la --seeds 0
 run study-c-prototype --spec cifar100lt_paper --arms risda --grid graph_source=prototype --seeds 0
-# the external check: CE and LDAM-DRW under LDAM-DRW's own settings (batch 128, weight decay 2e-4)
-run study-c-ldam --spec cifar100lt_ldam --seeds 0
+# the external check: CE and LDAM-DRW under LDAM-DRW's own settings (batch 128, weight decay 2e-4), each
+# with its own stage I, as two experiments (so that the first could be read before the second ran)
+run study-c-ldam-ce --spec cifar100lt_ldam --arms ce --seeds 0
+run study-c-ldam-drw --spec cifar100lt_ldam --arms ldam_drw --seeds 0
 # the baselines with their own stage I, under RISDA's settings
 run study-c-baselines --spec cifar100lt_paper --arms ldam_drw,la_loss --seeds 0
 # the authors' released code: their subset (seed 42), reflect padding, no warm-up (its own stage I)
@@ -24,3 +26,13 @@ run study-c-reference --spec cifar100lt_paper --arms risda --grid variant=refere
 # seeds 1-2 of the core arms
 run study-c-s12 --spec cifar100lt_paper --arms ce,ce_drw,risda,no_reasoning,cov_only,ce_posthoc_la --seeds 1,2
 run study-c-prototype-s12 --spec cifar100lt_paper --arms risda --grid graph_source=prototype --seeds 1,2
+# Table 5 across λ on seed 0 (each λ its own shared stage I; α, β from Table 2 per λ)
+run study-c-lambda --spec cifar100lt_paper --arms ce,no_reweight,no_reasoning,risda --imbalance 200,50,20,10 --seeds 0
+# the baselines' seeds 1-2
+run study-c-baselines-s12 --spec cifar100lt_paper --arms ldam_drw,la_loss --seeds 1,2
+# one table per study over seeds 0-2 (no training; results/<name>/ for results/report.toml)
+for m in "study-c,study-c-s12 study-c-all" "study-c-prototype,study-c-prototype-s12 study-c-prototype-all" \
+         "study-c-baselines,study-c-baselines-s12 study-c-baselines-all"; do
+  set -- $m; python ablations/run.py --collate-only --merge "$1" --name "$2" >> "$LOG/$2.log" 2>&1
+  rc=$?; echo "$(date +%T) collated $2 rc=$rc" >> "$LOG/driver.log"
+done

@@ -91,8 +91,13 @@ def paired_table(ok: pd.DataFrame) -> tuple[list[str], list[str]]:
     return markdown_lines(pd.DataFrame(rows, columns=head), "l" + "r" * len(METRICS)), words
 
 
+def reasoning_cells(ok: pd.DataFrame) -> pd.DataFrame:
+    """The finished cells of arms that reason over the graph (their ε and terms are measured)."""
+    return ok[[ARMS.get(c[0]) is not None and ARMS[c[0]].reasons for c in ok.cell_id]]
+
+
 def graph_table(ok: pd.DataFrame) -> list[str]:
-    reasoning = ok[[ARMS.get(c[0]) is not None and ARMS[c[0]].reasons for c in ok.cell_id]]
+    reasoning = reasoning_cells(ok)
     if not len(reasoning) or "graph_offdiag_tail" not in reasoning:
         return []
     cols = ("graph_offdiag_tail", "graph_offdiag_all", "graph_empty_tail", "graph_train_error",
@@ -212,7 +217,7 @@ def evidence_sections(runs: pd.DataFrame, results_dirs: list[Path], paired_figur
             many = any(len(json.loads(t)) > 10 for t in ok.get("graph_neighbours", pd.Series(dtype=object)).dropna())
             md += [f"Top-3 neighbours of {f'the {SHOWN} rarest tail classes' if many else 'each tail class'} (weight ε[c, i]):",
                    "", *nb, ""]
-        semantic = semantics_table(ok[[ARMS.get(c[0]) is not None and ARMS[c[0]].reasons for c in ok.cell_id]], cell_label)
+        semantic = semantics_table(reasoning_cells(ok), cell_label)
         if semantic:
             md += ["Does a tail class borrow from a semantically close class? Close = the same CIFAR-100 superclass "
                    "(risda.runner.graph_semantics; ours, not the paper's): per tail row of ε at the switch, its largest "

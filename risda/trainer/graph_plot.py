@@ -13,6 +13,7 @@ import torch
 
 HEATMAP_MAX_CLASSES = 100
 TABLE_ROWS = 40
+MAX_INCHES = 14.0  # a 100-class heatmap larger than this is read shrunk, and its labels vanish
 
 
 def plot_graph(eps: torch.Tensor, class_names: list[str], path: Path) -> None:
@@ -24,12 +25,13 @@ def plot_graph(eps: torch.Tensor, class_names: list[str], path: Path) -> None:
     off = eps.clone()
     off.fill_diagonal_(0)
     if C <= HEATMAP_MAX_CLASSES:
-        size = max(4.0, 0.28 * C + 2)
+        size = min(max(4.0, 0.28 * C + 2), MAX_INCHES)  # 100 classes: rows of 0.13 inch, labels of 5 points
+        fontsize = 9 if C <= 20 else 5
         fig, ax = plt.subplots(figsize=(size + 1.5, size))
         vmax = max(float(off.max()), 1e-6)
         im = ax.imshow(eps.numpy(), cmap="viridis", vmin=0, vmax=vmax)
-        ax.set_xticks(range(C), class_names, rotation=90, fontsize=max(4, 10 - C // 12))
-        ax.set_yticks(range(C), class_names, fontsize=max(4, 10 - C // 12))
+        ax.set_xticks(range(C), class_names, rotation=90, fontsize=fontsize)
+        ax.set_yticks(range(C), class_names, fontsize=fontsize)
         if C <= 20:
             for i in range(C):
                 for j in range(C):
@@ -54,5 +56,5 @@ def plot_graph(eps: torch.Tensor, class_names: list[str], path: Path) -> None:
         ax.table(cellText=text, colLabels=["class", "1-ε_cc", "top neighbours"], loc="center", cellLoc="left")
         ax.set_title(f"knowledge graph: the {len(text)} of {C} classes that borrow most")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110 if C <= 20 else 160)
     plt.close(fig)

@@ -53,6 +53,15 @@ def test_the_external_check_puts_the_cell_on_the_sources_own_protocol_first():
     assert "not run here" in la and "its own, not run here" in la   # Menon et al.'s protocol: no row names it
 
 
+def test_the_external_check_never_averages_two_precisions():
+    fp32 = dict(LDAM, precision="fp32")
+    runs = pd.DataFrame([run_row("cifar100lt_ldam", "ce", 0, 61.0, 60.0, LDAM), run_row("cifar100lt_ldam", "ce", 0, 63.0, 62.0, fp32)])
+    rows = check_rows([plan_of("cifar100lt_ldam")], runs)
+    ce = rows[rows.source == "LDAM-DRW paper (Cao et al., NeurIPS 2019), Table 2 (ERM)"]
+    assert sorted(ce.best) == [60.0, 62.0] and list(ce.seeds) == [1, 1]   # two rows, not one mean of 61.0
+    assert {"bf16" in s for s in ce.settings} == {True, False} and any("fp32" in s for s in ce.settings)
+
+
 def test_a_published_row_names_a_bundled_spec_as_its_protocol():
     spec = load_spec("cifar100lt_ldam")
     spec.paper_numbers["cifar100lt"][0]["protocol"] = "ldam_settings"

@@ -23,7 +23,7 @@ CHECK_INTRO = ("Each published number beside every cell of ours of the same meth
                "protocol was trained on its source's own settings, which no cell here ran.")
 TOLERANCE = 1.5   # points in column (c): the issue's bar for "the pipeline reproduces this number"
 SETTINGS = (("batch_size", "batch {}"), ("weight_decay", "wd {:g}"), ("nesterov", None), ("pad_mode", "{} padding"),
-            ("warmup_epochs", "warm-up {}"), ("epochs", "{} epochs"), ("subset_seed", "subset seed {}"))
+            ("warmup_epochs", "warm-up {}"), ("epochs", "{} epochs"), ("precision", "{}"), ("subset_seed", "subset seed {}"))
 
 
 def settings_text(cfg: dict, subset: bool = True) -> str:
@@ -36,13 +36,15 @@ def settings_text(cfg: dict, subset: bool = True) -> str:
     return ", ".join(out)
 
 
-def settings_differences(cfg: dict, base: dict) -> str:
-    """The settings of `cfg` that differ from `base`'s, as `key value (base value)`; empty when none."""
-    return ", ".join(f"{k} {cfg[k]} ({base.get(k)})" for k, _ in SETTINGS if k in cfg and cfg.get(k) != base.get(k))
+def settings_differences(cfg: dict, base: dict, keys=tuple(k for k, _ in SETTINGS)) -> str:
+    """The settings among `keys` in which `cfg` differs from `base`, as `key value (here base value)`; empty
+    when none."""
+    return ", ".join(f"{k} {cfg.get(k)} (here {base.get(k)})" for k in keys if cfg.get(k) != base.get(k))
 
 
 def our_cells(runs: pd.DataFrame, arm: str, lam: float) -> pd.DataFrame:
-    """One row per (spec, variant) of the finished cells of `arm` at `lam` on the paper's graph: seeds,
+    """One row per (spec, variant, settings: precision among them, so that cells of two precisions are
+    never averaged) of the finished cells of `arm` at `lam` on the paper's graph: seeds,
     settings, mean (a) and (c)."""
     ok = runs[runs.status == "ok"].assign(cell_id=lambda r: [cell_of(x) for x in r.to_dict("records")])
     cfgs = [json.loads(c) for c in ok.config]

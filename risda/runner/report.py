@@ -413,9 +413,7 @@ def first_config(o: Outputs) -> dict:
 def other_protocol(extra: Outputs, out: Outputs) -> str:
     """The training settings in which `extra` differs from the main study (batch, weight decay, ...),
     leaving out what a variant changes (subset, padding, warm-up); empty when it is the same protocol."""
-    cfg, base = first_config(extra), first_config(out)
-    keys = [k for k in PROTOCOL_KEYS if cfg.get(k) != base.get(k)]
-    return ", ".join(f"{k} {cfg.get(k)} (here {base.get(k)})" for k in keys)
+    return settings_differences(first_config(extra), first_config(out), PROTOCOL_KEYS)
 
 
 def same_protocol_runs(out: Outputs, extras: list[Outputs]) -> pd.DataFrame:

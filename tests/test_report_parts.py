@@ -146,3 +146,22 @@ def test_a_bad_manifest_is_one_line(tmp_path, capsys):
     assert report.main(["--manifest", str(tmp_path / "report.toml")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "[[part]]" in err
+
+
+def test_the_paired_table_says_which_rows_share_neither_images_nor_stage_i():
+    """unpaired_note reads each side's subset seed and stage-I key per seed: the reference variant on the
+    authors' subset is not paired, a baseline with its own stage I is paired by data only, an ablation on the
+    shared stage I needs no note (and a variant on the same subset and stage I, as in Part 2, none either)."""
+    from risda.runner.evidence import unpaired_note
+    risda, ref, ldam, nor = ("risda", "paper", "confusion"), ("risda", "reference", "confusion"), \
+        ("ldam_drw", "paper", "confusion"), ("no_reasoning", "paper", "confusion")
+    rows = []
+    for s in (0, 1):
+        rows += [dict(cell_id=risda, seed=s, subset_seed=0, stage1_key=f"k{s}"), dict(cell_id=nor, seed=s, subset_seed=0, stage1_key=f"k{s}"),
+                 dict(cell_id=ldam, seed=s, subset_seed=0, stage1_key=f"ldam{s}"), dict(cell_id=ref, seed=s, subset_seed=42, stage1_key=f"r{s}")]
+    ok = pd.DataFrame(rows)
+    assert "other images (subset seed 42 against 0)" in unpaired_note(ok, ref, risda)
+    assert "each side on its own stage I" in unpaired_note(ok, risda, ldam)
+    assert unpaired_note(ok, risda, nor) == ""
+    same = ok.assign(subset_seed=0, stage1_key=[f"k{s}" for s in ok.seed])
+    assert unpaired_note(same, ref, risda) == ""

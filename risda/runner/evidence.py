@@ -91,6 +91,24 @@ def paired_table(ok: pd.DataFrame) -> tuple[list[str], list[str]]:
     return markdown_lines(pd.DataFrame(rows, columns=head), "l" + "r" * len(METRICS)), words
 
 
+def unpaired_note(ok: pd.DataFrame, a: tuple, b: tuple) -> str:
+    """What a row of the paired table does not share, read from its runs: other images (another subset seed:
+    the reference variant) or another stage I (an arm that trains its own: LDAM-DRW, the LA loss); empty when
+    both sides share both at every seed where both ran."""
+    x, y = (ok[ok.cell_id == c].set_index("seed") for c in (a, b))
+    seeds = x.index.intersection(y.index)
+    differ = lambda col: col in ok and any(x.at[s, col] != y.at[s, col] for s in seeds
+                                           if pd.notna(x.at[s, col]) and pd.notna(y.at[s, col]))
+    name = f"{cell_label(a)} − {cell_label(b)}"
+    if differ("subset_seed"):
+        subsets = lambda t: ", ".join(str(v) for v in sorted(t.loc[seeds, "subset_seed"].unique()))
+        return (f"- {name}: other images (subset seed {subsets(x)} against {subsets(y)}) and another stage I: a difference "
+                "per seed, not a paired one.")
+    if differ("stage1_key"):
+        return f"- {name}: the same images, but each side on its own stage I (an arm that trains its own): paired by data and seed only."
+    return ""
+
+
 def reasoning_cells(ok: pd.DataFrame) -> pd.DataFrame:
     """The finished cells of arms that reason over the graph (their ε and terms are measured)."""
     return ok[[ARMS.get(c[0]) is not None and ARMS[c[0]].reasons for c in ok.cell_id]]
@@ -196,12 +214,10 @@ def evidence_sections(runs: pd.DataFrame, results_dirs: list[Path], paired_figur
     lams = sorted({float(v) for v in ok.imbalance.dropna()}) if "imbalance" in ok else []
     at = f" at λ = {lams[0]:g}" if len(lams) == 1 else ""
     md = ["## Paired differences", "",
-          f"Each row is A − B per seed{at} (the same images and the same stage I), then the mean ± sample std over the "
-          "seeds where both finished. Negative: A has the lower error.", ""]
+          f"Each row is A − B per seed{at} (the same images and the same stage I, unless said below the table), then "
+          "the mean ± sample std over the seeds where both finished. Negative: A has the lower error.", ""]
     table, words = paired_table(ok)
-    if any(a[1] == "reference" for a, _ in pairs(ok)):
-        words.append("- The reference variant trains on its own subset (the authors' seed) and its own stage I: its row "
-                     "is a difference per seed, not a paired one.")
+    words += [w for a, b in pairs(ok) if (w := unpaired_note(ok, a, b))]
     md += table + ["", *words, ""]
     md += [f"![Paired differences per seed, mean ± 95% interval]({paired_figure})", ""] if paired_figure else []
     graph = graph_table(ok)

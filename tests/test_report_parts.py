@@ -160,8 +160,8 @@ def test_the_paired_table_says_which_rows_share_neither_images_nor_stage_i():
         rows += [dict(cell_id=risda, seed=s, subset_seed=0, stage1_key=f"k{s}"), dict(cell_id=nor, seed=s, subset_seed=0, stage1_key=f"k{s}"),
                  dict(cell_id=ldam, seed=s, subset_seed=0, stage1_key=f"ldam{s}"), dict(cell_id=ref, seed=s, subset_seed=42, stage1_key=f"r{s}")]
     ok = pd.DataFrame(rows)
-    assert "other images (subset seed 42 against 0)" in unpaired_note(ok, ref, risda)
-    assert "each side on its own stage I" in unpaired_note(ok, risda, ldam)
-    assert unpaired_note(ok, risda, nor) == ""
+    assert "other images (subset seed 42 against 0)" in unpaired_note(ok, ref, risda, "ref")
+    assert "each side on its own stage I" in unpaired_note(ok, risda, ldam, "ldam")
+    assert unpaired_note(ok, risda, nor, "nor") == ""
     same = ok.assign(subset_seed=0, stage1_key=[f"k{s}" for s in ok.seed])
-    assert unpaired_note(same, ref, risda) == ""
+    assert unpaired_note(same, ref, risda, "ref") == ""

@@ -65,7 +65,7 @@ def paired_table(ok: pd.DataFrame) -> tuple[list[str], list[str]]:
     """(Markdown table lines, sentences on which differences keep their sign)."""
     seeds = sorted(ok.seed.unique())
     head = ["difference", *(f"{label}: per seed ({', '.join(map(str, seeds))}) → mean ± std" for _, label in METRICS)]
-    rows, words = [], []
+    rows, words, notes = [], [], []
     for a, b in pairs(ok):
         cells, kept = [], []
         for metric, label in METRICS:
@@ -88,10 +88,11 @@ def paired_table(ok: pd.DataFrame) -> tuple[list[str], list[str]]:
                                           f"changes sign between seeds in every column ({n} seeds)") + ".")
         else:
             words.append(f"- {name}: one seed only; no sign can be said to hold.")
-    return markdown_lines(pd.DataFrame(rows, columns=head), "l" + "r" * len(METRICS)), words
+        notes += [w] if (w := unpaired_note(ok, a, b, name)) else []
+    return markdown_lines(pd.DataFrame(rows, columns=head), "l" + "r" * len(METRICS)), words + notes
 
 
-def unpaired_note(ok: pd.DataFrame, a: tuple, b: tuple) -> str:
+def unpaired_note(ok: pd.DataFrame, a: tuple, b: tuple, name: str) -> str:
     """What a row of the paired table does not share, read from its runs: other images (another subset seed:
     the reference variant) or another stage I (an arm that trains its own: LDAM-DRW, the LA loss); empty when
     both sides share both at every seed where both ran."""
@@ -99,7 +100,6 @@ def unpaired_note(ok: pd.DataFrame, a: tuple, b: tuple) -> str:
     seeds = x.index.intersection(y.index)
     differ = lambda col: col in ok and any(x.at[s, col] != y.at[s, col] for s in seeds
                                            if pd.notna(x.at[s, col]) and pd.notna(y.at[s, col]))
-    name = f"{cell_label(a)} − {cell_label(b)}"
     if differ("subset_seed"):
         subsets = lambda t: ", ".join(str(v) for v in sorted(t.loc[seeds, "subset_seed"].unique()))
         return (f"- {name}: other images (subset seed {subsets(x)} against {subsets(y)}) and another stage I: a difference "
@@ -217,7 +217,6 @@ def evidence_sections(runs: pd.DataFrame, results_dirs: list[Path], paired_figur
           f"Each row is A − B per seed{at} (the same images and the same stage I, unless said below the table), then "
           "the mean ± sample std over the seeds where both finished. Negative: A has the lower error.", ""]
     table, words = paired_table(ok)
-    words += [w for a, b in pairs(ok) if (w := unpaired_note(ok, a, b))]
     md += table + ["", *words, ""]
     md += [f"![Paired differences per seed, mean ± 95% interval]({paired_figure})", ""] if paired_figure else []
     graph = graph_table(ok)

@@ -26,13 +26,16 @@ run study-c-reference --spec cifar100lt_paper --arms risda --grid variant=refere
 # seeds 1-2 of the core arms
 run study-c-s12 --spec cifar100lt_paper --arms ce,ce_drw,risda,no_reasoning,cov_only,ce_posthoc_la --seeds 1,2
 run study-c-prototype-s12 --spec cifar100lt_paper --arms risda --grid graph_source=prototype --seeds 1,2
-# Table 5 across λ on seed 0 (each λ its own shared stage I; α, β from Table 2 per λ)
-run study-c-lambda --spec cifar100lt_paper --arms ce,no_reweight,no_reasoning,risda --imbalance 200,50,20,10 --seeds 0
+# Table 5 across λ on seed 0 (each λ its own shared stage I; α, β from Table 2 per λ), as two experiments
+# of two λ each: an experiment trains all its stage Is before any fork, so the first pair's cells finish
+# (and can be committed) while the second pair's stage Is are still ahead
+run study-c-lambda-a --spec cifar100lt_paper --arms ce,no_reweight,no_reasoning,risda --imbalance 200,50 --seeds 0
+run study-c-lambda-b --spec cifar100lt_paper --arms ce,no_reweight,no_reasoning,risda --imbalance 20,10 --seeds 0
 # the baselines' seeds 1-2
 run study-c-baselines-s12 --spec cifar100lt_paper --arms ldam_drw,la_loss --seeds 1,2
-# one table per study over seeds 0-2 (no training; results/<name>/ for results/report.toml)
+# one table per study over seeds 0-2, and Table 5 over λ (no training; results/<name>/ for results/report.toml)
 for m in "study-c,study-c-s12 study-c-all" "study-c-prototype,study-c-prototype-s12 study-c-prototype-all" \
-         "study-c-baselines,study-c-baselines-s12 study-c-baselines-all"; do
+         "study-c-baselines,study-c-baselines-s12 study-c-baselines-all" "study-c-lambda-a,study-c-lambda-b study-c-lambda"; do
   set -- $m; python ablations/run.py --collate-only --merge "$1" --name "$2" >> "$LOG/$2.log" 2>&1
   rc=$?; echo "$(date +%T) collated $2 rc=$rc" >> "$LOG/driver.log"
 done

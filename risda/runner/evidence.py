@@ -129,16 +129,17 @@ def graph_table(ok: pd.DataFrame) -> list[str]:
 
 
 def neighbour_lines(ok: pd.DataFrame) -> list[str]:
-    """Each tail class's top neighbours, for the first seed, per reasoning cell of the paper variant."""
-    out = []
-    for r in ok.sort_values("seed").drop_duplicates("cell_id").to_dict("records"):
-        text = r.get("graph_neighbours")
-        if not isinstance(text, str) or r["cell_id"][1] != "paper":
-            continue
-        nb = rarest(json.loads(text))
-        out.append(f"- {cell_label(r['cell_id'])} (seed {r['seed']}): " + "; ".join(
-            f"{c} ← " + (", ".join(f"{n} {w:.3f}" for n, w in v) or "nothing") for c, v in nb.items()))
-    return out
+    """Each tail class's top neighbours (the SHOWN rarest where there are more than ten), for the first
+    seed, per reasoning cell of the paper variant: a heading and one line per cell, or nothing."""
+    lists = [(r, json.loads(r["graph_neighbours"])) for r in ok.sort_values("seed").drop_duplicates("cell_id").to_dict("records")
+             if isinstance(r.get("graph_neighbours"), str) and r["cell_id"][1] == "paper"]
+    if not lists:
+        return []
+    many = any(len(nb) > 10 for _, nb in lists)
+    return [f"Top-3 neighbours of {f'the {SHOWN} rarest tail classes' if many else 'each tail class'} (weight ε[c, i]):", "",
+            *(f"- {cell_label(r['cell_id'])} (seed {r['seed']}): " + "; ".join(
+                f"{c} ← " + (", ".join(f"{n} {w:.3f}" for n, w in v) or "nothing") for c, v in rarest(nb).items())
+              for r, nb in lists), ""]
 
 
 def verdict(ok: pd.DataFrame) -> list[str]:
@@ -227,11 +228,7 @@ def evidence_sections(runs: pd.DataFrame, results_dirs: list[Path], paired_figur
                "pass that built ε, and the size of the reasoned terms: tr(Σʳ_c)/tr(Σ_c) and ‖α μʳ_c‖ over the class's "
                "mean feature norm, averaged over the tail classes (risda.method.diagnostics).", "", *graph, ""]
         md += ["Which of the three reasons the numbers support:", "", *verdict(ok), ""]
-        nb = neighbour_lines(ok)
-        if nb:
-            many = any(len(json.loads(t)) > 10 for t in ok.get("graph_neighbours", pd.Series(dtype=object)).dropna())
-            md += [f"Top-3 neighbours of {f'the {SHOWN} rarest tail classes' if many else 'each tail class'} (weight ε[c, i]):",
-                   "", *nb, ""]
+        md += neighbour_lines(ok)
         semantic = semantics_table(reasoning_cells(ok), cell_label)
         if semantic:
             md += ["Does a tail class borrow from a semantically close class? Close = the same CIFAR-100 superclass "

@@ -19,14 +19,12 @@ free cores every op spin-waits and the measurement says more about the neighbour
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
-from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
+from bench_speed import make_step   # the trainer's step, eager, in a given precision (bench/ is on sys.path)
 from risda.trainer.models import build_model
 from risda.trainer.precision import bf16_is_fast, cpu_flags, resolve_precision
 
@@ -36,23 +34,6 @@ PRECISIONS = ("fp32", "bf16")
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def make_step(model, device, precision, memory_format):
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-    def step(x, y):
-        with autocast():
-            _, logits = model(x.contiguous(memory_format=memory_format))
-            loss = F.cross_entropy(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
-    return step
 
 
 def main():
@@ -76,7 +57,8 @@ def main():
 
     torch.manual_seed(0)
     base = build_model("resnet32", 10).to(device).to(memory_format=memory_format)
-    steps = {prec: make_step(copy.deepcopy(base), device, prec, memory_format) for prec in PRECISIONS}
+    fmt = "channels_last" if args.channels_last else "contiguous"
+    steps = {prec: make_step(base, device, f"eager+{prec}+{fmt}") for prec in PRECISIONS}   # each its own copy
     g = torch.Generator(device="cpu").manual_seed(0)
     batches = [(torch.randn(args.batch_size, 3, 32, 32, generator=g).to(device),
                 torch.randint(0, 10, (args.batch_size,), generator=g).to(device)) for _ in range(4)]

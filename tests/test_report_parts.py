@@ -102,11 +102,21 @@ def test_table5_across_lambda_shows_the_paper_beside_ours_and_what_is_missing(tm
     plan = {"spec": {"name": "cifar100lt_paper", "paper_numbers": {}}, "cells": [{"config": {"dataset": "cifar100lt"}}]}
     paper = published_by_arm(plan)
     assert paper["risda"][100.0] == 49.84 and paper["ce"][200.0] == 65.30   # the RISDA paper's rows, not the LDAM-DRW paper's CE
-    runs = pd.DataFrame([run_row("cifar100lt_paper", "risda", s, 53.0 + s, 52.0 + s) for s in range(2)]
+    rng = np.random.default_rng(3)
+    last, best = rng.uniform(50, 56, (2, 2)), rng.uniform(50, 56, (2, 2))   # [arm: risda, no reasoning][seed]
+    runs = pd.DataFrame([run_row("cifar100lt_paper", arm, s, last[i, s], best[i, s])
+                         for i, arm in enumerate(("risda", "no_reasoning")) for s in range(2)]
+                        + [run_row("cifar100lt_paper", "no_reweight", 0, 57.0, 56.0)]
                         + [run_row("cifar100lt_paper", "ce", 0, 60.0, 59.0, lam=10.0)])
     lines, missing = lambda_table(paper, ours_by_arm(runs))
-    risda = next(line for line in flat(lines).splitlines() if line.startswith("| RISDA |"))
-    assert "49.84 / 52.50 (a 53.50, n=2)" in risda and "55.24 / not run" in risda
+    rows = {line.split("|")[1].strip(): line for line in flat(lines).splitlines()[2:]}
+    assert f"49.84 / {best[0].mean():.2f} (a {last[0].mean():.2f}, n=2)" in rows["RISDA"] and "55.24 / not run" in rows["RISDA"]
+    # the difference row: the paper's own difference, and ours as the mean of the per-seed differences
+    reasoning = rows["RISDA − w/o r (no reasoning)"]
+    assert f"{49.84 - 51.09:+.2f} / {(best[0] - best[1]).mean():+.2f} (a {(last[0] - last[1]).mean():+.2f}, n=2)" in reasoning
+    assert f"{55.24 - 56.97:+.2f} / not run" in reasoning
+    # RISDA on seeds 0–1 against no re-weighting on seed 0: the seed they share, not the means
+    assert f"{49.84 - 54.40:+.2f} / {best[0, 0] - 56.0:+.2f} (a {last[0, 0] - 57.0:+.2f}, n=1)" in rows["RISDA − w/o w (no re-weighting)"]
     assert "RISDA at λ=200" in missing and "CE at λ=100" in missing and "CE at λ=10" not in missing
     md = lambda_section(plan, runs, tmp_path, tmp_path / "R.md")
     assert (tmp_path / "table5_lambda.png").stat().st_size > 1000 and "![Table 5 across λ](table5_lambda.png)" in md

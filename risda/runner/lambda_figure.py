@@ -16,6 +16,7 @@ from .evidence import finished
 from .table_writers import markdown_lines
 
 ARMS = ("ce", "no_reweight", "no_reasoning", "risda")   # Table 5's rows and its CE baseline
+DIFFS = (("risda", "no_reasoning"), ("risda", "no_reweight"))   # what Table 5 is there to show, per λ
 
 
 def published_by_arm(plan: dict) -> dict[str, dict[float, float]]:
@@ -32,13 +33,29 @@ def ours_by_arm(runs: pd.DataFrame) -> pd.DataFrame:
     ok = finished(runs)
     ok = ok[ok.cell_id.map(lambda c: c[0] in ARMS and c[1:] == ("paper", "confusion"))]
     if not len(ok):
-        return pd.DataFrame(columns=["arm", "imbalance", "last", "best", "seeds"])
-    return (ok.assign(imbalance=ok.imbalance.astype(float)).groupby(["arm", "imbalance"])
-            .agg(last=("test_error", "mean"), best=("best_test_error", "mean"), seeds=("seed", "nunique")).reset_index())
+        return pd.DataFrame(columns=["arm", "imbalance", "last", "best", "seeds", "per_seed"])
+    ok = ok.assign(imbalance=ok.imbalance.astype(float))
+    groups = ok.groupby(["arm", "imbalance"])
+    out = groups.agg(last=("test_error", "mean"), best=("best_test_error", "mean"), seeds=("seed", "nunique"))
+    out["per_seed"] = [g.groupby("seed")[["test_error", "best_test_error"]].mean() for _, g in groups]
+    return out.reset_index()
+
+
+def difference(paper: dict, mine: dict, a: str, b: str, lam: float) -> str:
+    """`paper / ours (c)` of arm a − arm b at λ; ours the mean of the per-seed differences over the seeds
+    both arms ran (paired: same images, same stage I), with (a) and how many seeds."""
+    p = paper.get(a, {}).get(lam), paper.get(b, {}).get(lam)
+    o = mine.get((a, lam)), mine.get((b, lam))
+    left = "–" if None in p else f"{p[0] - p[1]:+.2f}"
+    d = None if None in o else (o[0].per_seed - o[1].per_seed).dropna()
+    if d is None or not len(d):
+        return f"{left} / not run"
+    return f"{left} / {d.best_test_error.mean():+.2f} (a {d.test_error.mean():+.2f}, n={len(d)})"
 
 
 def lambda_table(paper: dict, ours: pd.DataFrame) -> tuple[list[str], list[str]]:
-    """(Markdown table: one row per arm, per λ `paper / ours (c)`; the (arm, λ) pairs not run)."""
+    """(Markdown table: one row per arm, per λ `paper / ours (c)`, then the differences DIFFS; the
+    (arm, λ) pairs not run)."""
     lams = sorted({l for e in paper.values() for l in e}, reverse=True)
     mine = {(r.arm, r.imbalance): r for r in ours.itertuples()}
     rows, missing = [], []
@@ -51,6 +68,8 @@ def lambda_table(paper: dict, ours: pd.DataFrame) -> tuple[list[str], list[str]]
                 missing.append(f"{ARM_LABELS.get(arm, arm)} at λ={lam:g}")
             cells.append(f"{'–' if p is None else f'{p:.2f}'} / " + ("not run" if o is None else f"{o.best:.2f} (a {o.last:.2f}, n={o.seeds})"))
         rows.append([ARM_LABELS.get(arm, arm), *cells])
+    rows += [[f"{ARM_LABELS.get(a, a)} − {ARM_LABELS.get(b, b)}", *(difference(paper, mine, a, b, lam) for lam in lams)]
+             for a, b in DIFFS if a in paper and b in paper]
     table = pd.DataFrame(rows, columns=["arm", *(f"λ={l:g}: paper / ours (c)" for l in lams)])
     return markdown_lines(table, "l" + "r" * len(lams)), missing
 
@@ -91,7 +110,8 @@ def lambda_section(plan: dict, runs: pd.DataFrame, figures: Path | None, out_pat
     ours = ours_by_arm(runs)
     table, missing = lambda_table(paper, ours)
     md = ["## Table 5 across λ", "", "The paper's Table 5 (and its Table 1 CE row) beside our cells on this protocol: "
-          "paper / ours in column (c), with (a) and the number of seeds.", "", *table, ""]
+          "paper / ours in column (c), with (a) and the number of seeds; the last rows are the differences Table 5 "
+          "is there to show (negative: RISDA lower), ours the mean of the per-seed differences over the seeds both arms ran.", "", *table, ""]
     if missing:
         md += [f"Not run yet ({len(missing)}): {', '.join(missing)}.", ""]
     if figures is not None:

@@ -12,7 +12,7 @@ from test_report import flat, make_plan_, synthetic_trials, write_outputs
 from risda.runner import report
 from risda.runner.ablation.spec import check_spec, load_spec
 from risda.trainer.config import ConfigError
-from risda.runner.external_check import check_rows, external_check_lines
+from risda.runner.external_check import check_rows, external_check_lines, our_cells
 from risda.runner.graph_semantics import SUPER, plot_superclass_graph, row_semantics, semantics_table
 from risda.runner.lambda_figure import lambda_section, lambda_table, ours_by_arm, published_by_arm
 from risda.trainer.data import CIFAR100_SUPERCLASSES
@@ -107,17 +107,18 @@ def test_table5_across_lambda_shows_the_paper_beside_ours_and_what_is_missing(tm
     runs = pd.DataFrame([run_row("cifar100lt_paper", arm, s, last[i, s], best[i, s])
                          for i, arm in enumerate(("risda", "no_reasoning")) for s in range(2)]
                         + [run_row("cifar100lt_paper", "no_reweight", 0, 57.0, 56.0)]
-                        + [run_row("cifar100lt_paper", "ce", 0, 60.0, 59.0, lam=10.0)])
+                        + [run_row("cifar100lt_paper", "ce", 0, 60.0, 59.0, lam=10.0)]
+                        + [run_row("cifar100lt_paper", "risda", 0, 58.0, 57.5, lam=200.0)])   # the same cell at another λ
     lines, missing = lambda_table(paper, ours_by_arm(runs))
     rows = {line.split("|")[1].strip(): line for line in flat(lines).splitlines()[2:]}
-    assert f"49.84 / {best[0].mean():.2f} (a {last[0].mean():.2f}, n=2)" in rows["RISDA"] and "55.24 / not run" in rows["RISDA"]
+    assert f"49.84 / {best[0].mean():.2f} (a {last[0].mean():.2f}, n=2)" in rows["RISDA"] and "55.24 / 57.50 (a 58.00, n=1)" in rows["RISDA"]
     # the difference row: the paper's own difference, and ours as the mean of the per-seed differences
     reasoning = rows["RISDA − w/o r (no reasoning)"]
     assert f"{49.84 - 51.09:+.2f} / {(best[0] - best[1]).mean():+.2f} (a {(last[0] - last[1]).mean():+.2f}, n=2)" in reasoning
     assert f"{55.24 - 56.97:+.2f} / not run" in reasoning
     # RISDA on seeds 0–1 against no re-weighting on seed 0: the seed they share, not the means
     assert f"{49.84 - 54.40:+.2f} / {best[0, 0] - 56.0:+.2f} (a {last[0, 0] - 57.0:+.2f}, n=1)" in rows["RISDA − w/o w (no re-weighting)"]
-    assert "RISDA at λ=200" in missing and "CE at λ=100" in missing and "CE at λ=10" not in missing
+    assert "RISDA at λ=50" in missing and "RISDA at λ=200" not in missing and "CE at λ=100" in missing and "CE at λ=10" not in missing
     md = lambda_section(plan, runs, tmp_path, tmp_path / "R.md")
     assert (tmp_path / "table5_lambda.png").stat().st_size > 1000 and "![Table 5 across λ](table5_lambda.png)" in md
 
@@ -175,3 +176,13 @@ def test_the_paired_table_says_which_rows_share_neither_images_nor_stage_i():
     assert unpaired_note(ok, risda, nor, "nor") == ""
     same = ok.assign(subset_seed=0, stage1_key=[f"k{s}" for s in ok.seed])
     assert unpaired_note(same, ref, risda, "ref") == ""
+
+
+def test_a_cell_at_another_imbalance_factor_is_another_cell():
+    """The same arm and seed at λ = 200 and λ = 100 are two cells: neither replaces the other in the
+    external check (it did, when a study across λ joined the report)."""
+    runs = pd.DataFrame([run_row("cifar100lt_paper", "risda", s, 53.0 + s, 52.0 + s) for s in range(3)]
+                        + [run_row("cifar100lt_paper", "risda", 0, 58.0, 57.5, lam=200.0)])
+    at100, at200 = our_cells(runs, "risda", 100.0), our_cells(runs, "risda", 200.0)
+    assert at100.seeds.tolist() == [3] and at100.best.tolist() == [pytest.approx(53.0)]
+    assert at200.seeds.tolist() == [1] and at200.best.tolist() == [pytest.approx(57.5)]

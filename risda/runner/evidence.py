@@ -40,14 +40,16 @@ def cell_label(cell: tuple) -> str:
 
 
 def finished(runs: pd.DataFrame) -> pd.DataFrame:
-    """The finished cells, with their cell id and precision. Two studies at different precisions
-    trained different stage Is: a table never pairs or mixes them (the first precision is kept)."""
+    """The finished cells, with their cell id and precision, one row per (cell, imbalance factor, seed):
+    a cell collated twice counts once, and a cell at another λ is another cell. Two studies at different
+    precisions trained different stage Is: a table never pairs or mixes them (the last precision is kept)."""
     ok = runs[runs.status == "ok"].copy()
     ok["cell_id"] = [cell_of(r) for r in ok.to_dict("records")]
     ok["precision_run"] = [json.loads(c).get("precision") if isinstance(c, str) else None for c in ok.get("config", [None] * len(ok))]
     if ok.precision_run.nunique() > 1:
         ok = ok[ok.precision_run == ok.precision_run.iloc[-1]]
-    return ok.drop_duplicates(["cell_id", "seed"], keep="last")
+    lam = ok.imbalance.astype(float) if "imbalance" in ok else 0.0
+    return ok[~ok.assign(lam=lam).duplicated(["cell_id", "lam", "seed"], keep="last")]
 
 
 def pairs(ok: pd.DataFrame) -> list[tuple[tuple, tuple]]:

@@ -49,8 +49,8 @@ def our_cells(runs: pd.DataFrame, arm: str, lam: float) -> pd.DataFrame:
     ok = runs[runs.status == "ok"].assign(cell_id=lambda r: [cell_of(x) for x in r.to_dict("records")])
     cfgs = [json.loads(c) for c in ok.config]
     ok = ok.assign(settings=[settings_text(c, subset=False) for c in cfgs], subset=[c.get("subset_seed") for c in cfgs])
-    ok = ok.drop_duplicates(["spec", "cell_id", "settings", "subset", "seed"], keep="last")   # a cell collated twice counts once
     ok = ok[(ok.arm == arm) & (ok.imbalance.astype(float) == lam) & ok.cell_id.map(lambda c: c[2] == "confusion")]
+    ok = ok.drop_duplicates(["spec", "cell_id", "settings", "subset", "seed"], keep="last")   # a cell collated twice counts once
     rows = []
     for (spec, cell, settings), g in ok.groupby([ok.spec, ok.cell_id, ok.settings], sort=False):
         subsets = ", ".join(str(v) for v in sorted(g.subset.dropna().unique()))

@@ -186,3 +186,11 @@ def test_a_cell_at_another_imbalance_factor_is_another_cell():
     at100, at200 = our_cells(runs, "risda", 100.0), our_cells(runs, "risda", 200.0)
     assert at100.seeds.tolist() == [3] and at100.best.tolist() == [pytest.approx(53.0)]
     assert at200.seeds.tolist() == [1] and at200.best.tolist() == [pytest.approx(57.5)]
+
+
+def test_a_study_is_titled_by_the_imbalance_factors_its_cells_ran_at():
+    spec = {"title": "CIFAR-100-LT, λ=100: the paper's protocol (study C)"}
+    plan = lambda *lams: {"spec": spec, "cells": [{"config": {"imbalance": lam}} for lam in lams]}  # noqa: E731
+    assert report.study_title(plan(100.0)) == spec["title"]
+    assert report.study_title(plan(200.0, 50.0, 200.0)) == "CIFAR-100-LT, λ=200, 50: the paper's protocol (study C)"
+    assert report.study_title({"spec": {"name": "table5"}, "cells": [{"config": {}}]}) == "table5"

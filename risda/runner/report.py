@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -422,6 +423,14 @@ def same_protocol_runs(out: Outputs, extras: list[Outputs]) -> pd.DataFrame:
     return pd.concat([out.runs, *(e.runs for e in extras if not other_protocol(e, out))], ignore_index=True)
 
 
+def study_title(plan: dict) -> str:
+    """The spec's title, its `λ=x` made the λ the study's cells ran at (a run may override the spec's
+    imbalance factors: `--imbalance 200,50` of a λ = 100 spec is not a λ = 100 study)."""
+    title = plan["spec"].get("title") or plan["spec"].get("name")
+    lams = sorted({float(c["config"]["imbalance"]) for c in plan["cells"] if c["config"].get("imbalance") is not None}, reverse=True)
+    return re.sub(r"λ\s*=\s*[\d.]+", "λ=" + ", ".join(f"{lam:g}" for lam in lams), title) if lams else title
+
+
 def paired_lambda(plan: dict) -> float:
     """The imbalance factor the paired differences and the graph are read at: the study's own, or λ = 100
     (the paper's headline) when it has several, else its first."""
@@ -451,7 +460,7 @@ def render(out: Outputs, commands: list[str] | None = None, out_path: Path | Non
     figures = figures or (out_path.parent if out_path is not None else None)
     spec = plan["spec"]
     ds = plan["cells"][0]["config"]["dataset"]
-    title = spec.get("title") or spec.get("name")
+    title = study_title(plan)
     md = [f"# Reproduction report: {title}", "",
           f"{DATASET_LABELS.get(ds, ds)}, study `{spec.get('name')}`, results `{out.results}`; "
           f"written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. All numbers are top-1 error in % "
@@ -478,7 +487,7 @@ def render(out: Outputs, commands: list[str] | None = None, out_path: Path | Non
     md += results_tables(plan, summary, also_arms=frozenset(c["config"]["arm"] for o in extras or [] for c in o.plan["cells"]))
     paired_runs = same_protocol_runs(out, extras or [])
     for extra in extras or []:
-        md += [f"### Also: {extra.plan['spec'].get('title') or extra.plan['spec'].get('name')} (`{extra.results}`)", "",
+        md += [f"### Also: {study_title(extra.plan)} (`{extra.results}`)", "",
                extra_intro(extra, out), "", *results_tables(extra.plan, extra.summary, published=False)]
         runs = pd.concat([runs, extra.runs], ignore_index=True)
         bad = runs[runs.status != OK]
@@ -600,7 +609,7 @@ def render_parts(parts: list[tuple[Outputs, list[Outputs]]], out_path: Path, tit
     """Each part rendered as its own report (its figures in its main results folder), one heading level
     down, under one title and preface; then the terms across the parts."""
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    names = [o.plan["spec"].get("title") or o.plan["spec"].get("name") for o, _ in parts]
+    names = [study_title(o.plan) for o, _ in parts]
     md = [f"# {title}", "", f"Written {now}. All numbers are top-1 error in % on the balanced test set. Parts:", "",
           *(f"{i}. {n} (`{o.results.name}`)" for i, (n, (o, _)) in enumerate(zip(names, parts), 1)), ""]
     if preface:
